@@ -1,0 +1,22 @@
+"""safepoint: crash-proof, disk-aware checkpoints for PyTorch training.
+
+The public API is re-exported here; everything else is an implementation detail.
+"""
+
+__version__ = "0.1.0"
+
+from .catalog import CheckpointInfo, list_checkpoints, verify
+from .data import ResumableLoader, ResumableSampler
+from .errors import (CheckpointNotFound, CorruptCheckpoint, DirectoryLocked, IncompatibleState,
+                     InsufficientDiskSpace, RunDirectoryError, SafepointError, SafepointWarning,
+                     UnsupportedFormat)
+from .manager import CheckpointManager, RestoreReport
+from .retention import KeepLast
+from .stateful import Stateful
+
+__all__ = [
+    "CheckpointInfo", "CheckpointManager", "CheckpointNotFound", "CorruptCheckpoint", "DirectoryLocked",
+    "IncompatibleState", "InsufficientDiskSpace", "KeepLast", "RestoreReport", "ResumableLoader",
+    "ResumableSampler", "RunDirectoryError", "SafepointError", "SafepointWarning", "Stateful",
+    "UnsupportedFormat", "list_checkpoints", "verify",
+]

@@ -1,0 +1,104 @@
+"""Reading a run directory: which checkpoints are committed, and are they intact.
+
+Valid means committed: only ``step_NNNNNNNN`` directories whose manifest parses count, for
+``latest``, ``list``, ``restore`` and retention. Listing reads manifests only (cheap); ``verify``
+re-hashes every file (the full proof, used before a restore trusts a checkpoint). The CLI and the
+dashboard use these same functions, so they never disagree with the library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import layout
+from .commit import hash_file
+from .errors import CorruptCheckpoint, UnsupportedFormat
+from .manifest import Manifest, read_manifest
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint as listings show it."""
+
+    step: int
+    path: Path
+    created: str
+    committed: str
+    size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    pinned: bool = False
+    mirrored: bool = False
+    run_id: str = ""
+    world_size: int = 1
+
+    @classmethod
+    def from_manifest(cls, path: Path, m: Manifest, *, pinned: bool = False, mirrored: bool = False) -> "CheckpointInfo":
+        return cls(step=m.step, path=path, created=m.created, committed=m.committed, size=m.total_size,
+                   metrics=dict(m.metrics), pinned=pinned, mirrored=mirrored, run_id=m.run_id,
+                   world_size=m.world_size)
+
+
+def read_run_meta(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / layout.RUN_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def scan(run_dir: Path) -> list[tuple[Path, Manifest | CorruptCheckpoint | UnsupportedFormat]]:
+    """Every ``step_*`` directory, oldest first, with its manifest or the reason it has none."""
+    try:
+        names = os.listdir(run_dir)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        step = layout.parse_step(name)
+        if step is None:
+            continue
+        try:
+            found.append((step, run_dir / name, read_manifest(run_dir / name)))
+        except (CorruptCheckpoint, UnsupportedFormat) as err:
+            found.append((step, run_dir / name, err))
+    return [(path, m) for _, path, m in sorted(found, key=lambda f: f[0])]
+
+
+def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
+    """Committed checkpoints of ``run_dir``, oldest first. Unreadable manifests are left out."""
+    run_dir = Path(run_dir)
+    meta = read_run_meta(run_dir)
+    pins = set(meta.get("pins", []))
+    mirrored = set(meta.get("mirrored", []))
+    return [CheckpointInfo.from_manifest(path, m, pinned=m.step in pins, mirrored=m.step in mirrored)
+            for path, m in scan(run_dir) if isinstance(m, Manifest)]
+
+
+def leftover_tmp_dirs(run_dir: Path) -> list[Path]:
+    try:
+        return sorted(run_dir / n for n in os.listdir(run_dir) if layout.is_tmp_name(n))
+    except FileNotFoundError:
+        return []
+
+
+def verify(checkpoint_dir: Path) -> Manifest:
+    """Check that every file the manifest lists is present with its size and hash.
+
+    Raises ``CorruptCheckpoint`` naming the file and the expected vs. actual value.
+    """
+    manifest = read_manifest(checkpoint_dir)
+    for name, expected in manifest.files.items():
+        path = checkpoint_dir / name
+        try:
+            actual_size = path.stat().st_size
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{path} is missing (the manifest lists it, {expected.size} bytes)") from None
+        if actual_size != expected.size:
+            raise CorruptCheckpoint(f"{path} has {actual_size} bytes, the manifest says {expected.size} (truncated or overwritten)")
+        actual = hash_file(path)
+        if actual.hash != expected.hash:
+            raise CorruptCheckpoint(f"{path} fails its {manifest.hash_algorithm} check: expected "
+                                    f"{expected.hash}, got {actual.hash} (the file was modified or damaged)")
+    return manifest

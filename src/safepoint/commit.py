@@ -1,0 +1,144 @@
+"""The only code that makes things durable.
+
+A checkpoint is written into a tmp directory, every file is fsynced as it is closed, the manifest
+is written last and fsynced with its directory, then the directory is renamed to its final name
+and the parent is fsynced. ``rename`` is atomic on POSIX filesystems, so a reader sees either no
+checkpoint or a complete one. Deletion is the same dance in reverse: rename into ``.trash/``
+(atomic, so the checkpoint vanishes from listings at once), fsync, then remove at leisure.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import layout
+
+HASH_ALGORITHM = "sha256"
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What the manifest says about one file: its size and content hash."""
+
+    size: int
+    hash: str
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _explain_os_error(err: OSError, path: Path) -> OSError:
+    if err.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"No space left on device while writing {path}; the partial "
+                       "save was removed and committed checkpoints are untouched. Free space or "
+                       "lower the retention, then save again", str(path))
+    return err
+
+
+class HashingWriter:
+    """A file opened for a durable write that hashes exactly the bytes it writes.
+
+    ``close()`` flushes and fsyncs and returns the file's ``FileRecord``. Any ``OSError`` (ENOSPC
+    above all) is re-raised naming the file, because ``write`` of a full disk otherwise says little.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "xb", buffering=0)
+        self._hash = hashlib.new(HASH_ALGORITHM)
+        self._size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                written = self._file.write(view)
+                self._hash.update(view[:written])
+                self._size += written
+                view = view[written:]
+        except OSError as err:
+            raise _explain_os_error(err, self.path) from err
+
+    def close(self) -> FileRecord:
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            raise _explain_os_error(err, self.path) from err
+        finally:
+            self._file.close()
+        return FileRecord(self._size, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "HashingWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def write_bytes(path: Path, data: bytes) -> FileRecord:
+    writer = HashingWriter(path)
+    with writer:
+        writer.write(data)
+    return writer.close()
+
+
+def dump_json(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=False, allow_nan=False).encode()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Replace a small JSON file (run.json) so a crash leaves the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_bytes(tmp, dump_json(obj))
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def hash_file(path: Path) -> FileRecord:
+    h = hashlib.new(HASH_ALGORITHM)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return FileRecord(size, h.hexdigest())
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Make a fully written tmp directory visible under its final name, durably."""
+    fsync_dir(tmp)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def move_to_trash(run_dir: Path, name: str) -> Path:
+    """Atomically take ``run_dir/name`` out of every listing; returns where it went."""
+    trash = run_dir / layout.TRASH_DIR
+    trash.mkdir(exist_ok=True)
+    target = trash / layout.trash_name(name)
+    os.rename(run_dir / name, target)
+    fsync_dir(run_dir)
+    return target
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,441 @@
+"""CheckpointManager: when to save, what to restore, what to keep. Orchestration only.
+
+The order of a save (each stage has a named fault point, see ``faults``):
+
+1. collect every entry's ``state_dict()`` and the RNG streams, and encode them (bad values are
+   refused here, before a byte is written);
+2. write the tensor files into ``step_N.tmp-<rand>/``, each fsynced, then ``state.json``;
+3. write ``manifest.json`` (sizes + hashes of every file) and fsync it and the directory;
+4. rename to ``step_N`` and fsync the run directory: the commit;
+5. apply retention to committed checkpoints only, deleting through ``.trash/``.
+
+A restore walks committed checkpoints from the newest, verifies every file against the manifest,
+skips (with a warning naming it) any that fails, checks the survivor fits the state, then loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import faults, layout, stateful
+from .catalog import CheckpointInfo, leftover_tmp_dirs, list_checkpoints, scan, verify
+from .codec import Encoder, decode
+from .commit import HASH_ALGORITHM, commit_dir, dump_json, move_to_trash, remove_tree, write_bytes
+from .errors import (CheckpointNotFound, CorruptCheckpoint, IncompatibleState, RunDirectoryError,
+                     SafepointError, SafepointWarning, UnsupportedFormat)
+from .lock import RunLock
+from .manifest import Manifest, library_versions, utc_now
+from .retention import RetentionPolicy, steps_to_delete
+from .runlog import RunLog
+from .signals import DEFAULT_SIGNALS, PreemptionWatcher
+from .tensors import read_tensors, write_tensors
+
+log = logging.getLogger("safepoint")
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass
+class RestoreReport:
+    """What a ``restore`` loaded and what it could not."""
+
+    step: int
+    path: Path | None
+    restored: list[str] = field(default_factory=list)
+    not_in_checkpoint: list[str] = field(default_factory=list)
+    not_in_state: list[str] = field(default_factory=list)
+    rng: list[str] = field(default_factory=list)
+    data_position: str = "not saved"
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.path is None:
+            return "no committed checkpoint: starting from step 0"
+        parts = [f"restored step {self.step} from {self.path}", f"entries: {', '.join(self.restored) or 'none'}",
+                 f"rng: {', '.join(self.rng) or 'none'}", f"data position: {self.data_position}"]
+        if self.not_in_checkpoint:
+            parts.append(f"NOT restored (absent from the checkpoint): {', '.join(self.not_in_checkpoint)}")
+        if self.not_in_state:
+            parts.append(f"in the checkpoint but not in state (ignored): {', '.join(self.not_in_state)}")
+        if self.skipped:
+            parts.append(f"skipped: {'; '.join(self.skipped)}")
+        return "; ".join(parts)
+
+
+class CheckpointManager:
+    """Crash-proof checkpoints of a training loop's state in one run directory.
+
+    Args:
+        directory: the run directory; created if missing. One writer at a time (a lock enforces it).
+        every_steps: ``step()`` saves when ``step % every_steps == 0``.
+        every_seconds: ``step()`` saves when this long has passed since the last save.
+        keep: retention policies (``KeepLast(3)``, ...); their union is kept. None keeps everything.
+        signals: signal names that mean "save at the next step, then stop"; ``()`` to not catch any.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, every_steps: int | None = None,
+                 every_seconds: float | None = None, keep: RetentionPolicy | Iterable[RetentionPolicy] | None = None,
+                 signals: Iterable[str] = DEFAULT_SIGNALS) -> None:
+        if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
+            raise ValueError(f"every_steps must be a positive int or None, got {every_steps!r}")
+        if every_seconds is not None and not every_seconds > 0:
+            raise ValueError(f"every_seconds must be > 0 or None, got {every_seconds!r}")
+        self.directory = Path(directory)
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.keep: list[RetentionPolicy] = [] if keep is None else [keep] if hasattr(keep, "keep") else list(keep)
+        self.should_stop = False
+        self.restore_report: RestoreReport | None = None
+        self._restored = False
+        self._resumed_from: int | None = None
+        self._last_committed: int | None = None
+        self._last_save_time = time.monotonic()
+        self._closed = False
+
+        _prepare_directory(self.directory)
+        self._lock = RunLock(self.directory)
+        self._lock.acquire()
+        try:
+            self._log = RunLog(self.directory)
+            self._collect_debris()
+            self._watcher = PreemptionWatcher(tuple(signals))
+            self._watcher.install()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._log.event("start")
+
+    # ---------------------------------------------------------------- reading
+
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        return list_checkpoints(self.directory)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint (by manifest; ``restore`` also verifies hashes)."""
+        found = self.list()
+        return found[-1] if found else None
+
+    @property
+    def run_id(self) -> str:
+        return self._log.run_id
+
+    # ---------------------------------------------------------------- restore
+
+    def restore(self, state: Mapping[str, Any], *, step: int | None = None) -> int:
+        """Load the newest good checkpoint (or ``step``) into ``state``; return its step, 0 if none.
+
+        Every file is verified against the manifest first. Without ``step``, a corrupt or
+        incomplete checkpoint is skipped with a warning and the next older one is tried; with
+        ``step``, it raises ``CorruptCheckpoint`` / ``CheckpointNotFound`` instead.
+        """
+        self._check_open()
+        stateful.check_state(state)
+        skipped: list[str] = []
+        candidates = list(reversed(scan(self.directory)))
+        if step is not None:
+            candidates = [c for c in candidates if c[0].name == layout.step_dir_name(step)]
+            if not candidates:
+                have = ", ".join(str(c.step) for c in self.list()) or "none"
+                raise CheckpointNotFound(f"no checkpoint for step {step} in {self.directory} (committed steps: {have})")
+        for path, manifest in candidates:
+            try:
+                if not isinstance(manifest, Manifest):
+                    raise manifest
+                verify(path)
+                saved = self._read_state(path, manifest)
+            except (CorruptCheckpoint, UnsupportedFormat) as err:
+                if step is not None:
+                    raise
+                skipped.append(f"{path.name} ({err})")
+                warnings.warn(f"safepoint: skipping checkpoint {path}: {err}. Falling back to an older one",
+                              SafepointWarning, stacklevel=2)
+                self._log.event("skip_corrupt", checkpoint=path.name, reason=str(err))
+                continue
+            report = self._apply(state, saved, manifest, path)
+            report.skipped = skipped
+            return self._finish_restore(report)
+        report = RestoreReport(step=0, path=None, skipped=skipped)
+        self._finish_restore(report)
+        return 0
+
+    def _read_state(self, path: Path, manifest: Manifest) -> dict[str, Any]:
+        doc = json.loads((path / layout.STATE).read_bytes())
+        version = doc.get("format_version")
+        if version != STATE_FORMAT_VERSION:
+            raise UnsupportedFormat(f"{path / layout.STATE} has state format version {version!r}; this "
+                                    f"safepoint reads version {STATE_FORMAT_VERSION}. Upgrade safepoint")
+        saved = {}
+        for name, encoded in doc["entries"].items():
+            tensor_file = path / layout.tensor_file_name(name)
+            tensors = read_tensors(tensor_file) if tensor_file.name in manifest.files else {}
+            try:
+                saved[name] = decode(encoded, tensors)
+            except KeyError as err:
+                raise CorruptCheckpoint(f"{path / layout.STATE} refers to tensor {err} that "
+                                        f"{tensor_file.name} does not hold") from None
+        return saved
+
+    def _apply(self, state: Mapping[str, Any], saved: dict[str, Any], manifest: Manifest, path: Path) -> RestoreReport:
+        for name, obj in state.items():
+            if name in saved:
+                _check_fits(name, obj, saved[name], path)
+        for name, obj in state.items():
+            if name not in saved:
+                continue
+            try:
+                stateful.apply({name: obj}, saved)
+            except Exception as err:
+                raise IncompatibleState(f"state[{name!r}].load_state_dict() rejected the checkpoint {path}: "
+                                        f"{err}. Entries loaded before it were already changed; restore "
+                                        "again with a matching state") from err
+        rng = stateful.restore_rng(saved.get(stateful.RNG_ENTRY, {}))
+        user_saved = [n for n in saved if n != stateful.RNG_ENTRY]
+        report = RestoreReport(
+            step=manifest.step, path=path, restored=[n for n in state if n in saved],
+            not_in_checkpoint=[n for n in state if n not in saved],
+            not_in_state=[n for n in user_saved if n not in state], rng=rng)
+        data = [n for n, obj in state.items() if n in saved and _is_data_position(obj)]
+        report.data_position = f"restored ({', '.join(data)})" if data else \
+            "not in state: data restarts from its beginning (pass a safepoint.ResumableLoader as an entry)"
+        return report
+
+    def _finish_restore(self, report: RestoreReport) -> int:
+        self._restored = True
+        self.restore_report = report
+        if report.path is not None:
+            self._resumed_from = self._last_committed = report.step
+        for name in report.not_in_checkpoint:
+            warnings.warn(f"safepoint: state[{name!r}] is not in checkpoint {report.path}; it keeps its "
+                          "current value", SafepointWarning, stacklevel=3)
+        log.info("safepoint: %s", report.summary())
+        self._log.event("restore", step=report.step, checkpoint=report.path.name if report.path else None,
+                        restored=report.restored, not_in_checkpoint=report.not_in_checkpoint,
+                        not_in_state=report.not_in_state, rng=report.rng,
+                        data_position=report.data_position, skipped=report.skipped)
+        self._last_save_time = time.monotonic()
+        return report.step
+
+    # ---------------------------------------------------------------- saving
+
+    def step(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = None) -> bool:
+        """Record ``metrics`` and save if a save is due or a preemption signal arrived.
+
+        Returns True when it saved. After a signal, the save is committed and ``should_stop`` is set.
+        """
+        self._check_open()
+        clean = _clean_metrics(metrics)
+        if clean:
+            self._log.metrics(step, clean)
+        signal_name = self._watcher.received
+        due = (signal_name is not None
+               or (self.every_steps is not None and step % self.every_steps == 0)
+               or (self.every_seconds is not None and time.monotonic() - self._last_save_time >= self.every_seconds))
+        saved = False
+        if due and step != self._last_committed:
+            self._save(step, state, clean)
+            saved = True
+        if signal_name is not None:
+            self.should_stop = True
+            self._log.event("preempted", signal=signal_name, step=step)
+            log.warning("safepoint: %s received; checkpoint for step %d is committed, stopping", signal_name, step)
+        return saved
+
+    def save(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = None) -> CheckpointInfo:
+        """Save now and block until the checkpoint is committed; return it."""
+        self._check_open()
+        return self._save(step, state, _clean_metrics(metrics))
+
+    def _save(self, step: int, state: Mapping[str, Any], metrics: dict[str, float]) -> CheckpointInfo:
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        stateful.check_state(state)
+        self._check_not_foreign()
+        started = time.monotonic()
+        encoded, tensor_sets = {}, {}
+        for name, sd in stateful.collect(state).items():
+            encoder = Encoder(name)
+            encoded[name] = encoder.encode(sd)
+            tensor_sets[name] = encoder.tensors
+        info = self._write(step, encoded, tensor_sets, metrics)
+        self._last_committed = step
+        self._last_save_time = time.monotonic()
+        self._log.flush()
+        self._log.event("save", step=step, size=info.size, seconds=round(time.monotonic() - started, 4))
+        self._apply_retention()
+        return info
+
+    def _write(self, step: int, encoded: dict[str, Any], tensor_sets: dict[str, dict[str, torch.Tensor]],
+               metrics: dict[str, float]) -> CheckpointInfo:
+        created = utc_now()
+        tmp = self.directory / layout.tmp_dir_name(step)
+        final = self.directory / layout.step_dir_name(step)
+        tmp.mkdir()
+        try:
+            files = {}
+            for name, tensors in tensor_sets.items():
+                if tensors:
+                    file_name = layout.tensor_file_name(name)
+                    files[file_name] = write_tensors(tmp / file_name, tensors)
+            faults.reach("after_data")
+            files[layout.STATE] = write_bytes(tmp / layout.STATE, dump_json(
+                {"format_version": STATE_FORMAT_VERSION, "step": step, "entries": encoded}))
+            faults.reach("before_manifest")
+            manifest = Manifest(step=step, run_id=self.run_id, files=files, hash_algorithm=HASH_ALGORITHM,
+                                created=created, committed=utc_now(), metrics=metrics,
+                                entries=[n for n in encoded if n != stateful.RNG_ENTRY],
+                                versions=library_versions())
+            write_bytes(tmp / layout.MANIFEST, dump_json(manifest.to_json()))
+            faults.reach("before_rename")
+            if final.exists():
+                # Saving a step again (an explicit save() of a step already on disk) replaces it.
+                remove_tree(move_to_trash(self.directory, final.name))
+            commit_dir(tmp, final)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        faults.reach("after_rename")
+        return CheckpointInfo.from_manifest(final, manifest)
+
+    def _apply_retention(self) -> None:
+        checkpoints = self.list()
+        for step in steps_to_delete(checkpoints, self.keep, resumed_from=self._resumed_from):
+            name = layout.step_dir_name(step)
+            try:
+                moved = move_to_trash(self.directory, name)
+                faults.reach("during_delete")
+                remove_tree(moved)
+            except OSError as err:
+                log.warning("safepoint: could not delete %s: %s (will retry after the next save)", name, err)
+                continue
+            self._log.event("prune", step=step, reason="retention")
+
+    def _check_not_foreign(self) -> None:
+        if self._restored:
+            return
+        existing = self.list()
+        if existing:
+            raise RunDirectoryError(
+                f"{self.directory} already holds committed checkpoints (steps {existing[0].step}.."
+                f"{existing[-1].step}) and this manager has not restored from them, so saving could mix "
+                "two runs and let retention delete the other's checkpoints. Call restore(state) first to "
+                "resume, or give this run a new directory")
+        self._restored = True
+
+    # ---------------------------------------------------------------- pins
+
+    def pin(self, step: int) -> None:
+        """Protect a committed checkpoint from retention, durably (stored in run.json)."""
+        if not (self.directory / layout.step_dir_name(step) / layout.MANIFEST).exists():
+            raise CheckpointNotFound(f"no committed checkpoint for step {step} in {self.directory}")
+        self._log.set_pinned(step, True)
+        self._log.event("pin", step=step)
+
+    def unpin(self, step: int) -> None:
+        self._log.set_pinned(step, False)
+        self._log.event("unpin", step=step)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _collect_debris(self) -> None:
+        for tmp in leftover_tmp_dirs(self.directory):
+            remove_tree(tmp)
+            self._log.event("gc", removed=tmp.name, reason="unfinished save")
+        trash = self.directory / layout.TRASH_DIR
+        if trash.exists():
+            for item in trash.iterdir():
+                remove_tree(item)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SafepointError(f"this CheckpointManager for {self.directory} is closed")
+
+    def close(self) -> None:
+        """Release the directory lock and the signal handlers. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._watcher.uninstall()
+        self._log.event("close", should_stop=self.should_stop)
+        self._log.close()
+        self._lock.release()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({str(self.directory)!r}, every_steps={self.every_steps}, keep={self.keep})"
+
+
+def _prepare_directory(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise RunDirectoryError(f"{directory} is a file, not a directory; give CheckpointManager a directory path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirectoryError(f"cannot create run directory {directory}: {err.strerror}") from err
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise RunDirectoryError(f"run directory {directory} is not writable by this user; fix its "
+                                "permissions or choose another directory")
+
+
+def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """Metrics as plain floats (tensors and numpy scalars converted); non-finite kept as strings."""
+    out: dict[str, Any] = {}
+    for key, value in (metrics or {}).items():
+        try:
+            number = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError):
+            raise TypeError(f"metric {key!r} must be a number or a one-element tensor, got {type(value).__name__}") from None
+        out[str(key)] = number if math.isfinite(number) else repr(number)
+    return out
+
+
+def _is_data_position(obj: Any) -> bool:
+    from .data import ResumableLoader, ResumableSampler
+
+    return isinstance(obj, (ResumableLoader, ResumableSampler)) or type(obj).__name__ == "StatefulDataLoader"
+
+
+def _check_fits(name: str, obj: Any, saved: Any, path: Path) -> None:
+    """Refuse, before anything is loaded, a checkpoint whose tensors do not fit a module or optimizer."""
+    if isinstance(obj, torch.nn.Module):
+        current = obj.state_dict()
+        missing = [k for k in current if k not in saved]
+        unexpected = [k for k in saved if k not in current]
+        wrong = [f"{k}: checkpoint {tuple(saved[k].shape)} {saved[k].dtype}, model {tuple(v.shape)} {v.dtype}"
+                 for k, v in current.items() if k in saved and isinstance(v, torch.Tensor)
+                 and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            lines = [f"checkpoint {path} does not fit state[{name!r}] ({type(obj).__name__}):"]
+            if missing:
+                lines.append(f"  keys the model has but the checkpoint lacks ({len(missing)}): {_few(missing)}")
+            if unexpected:
+                lines.append(f"  keys in the checkpoint the model lacks ({len(unexpected)}): {_few(unexpected)}")
+            if wrong:
+                lines.append(f"  shape mismatches ({len(wrong)}): {_few(wrong)}")
+            lines.append("  Is this the same architecture? Use a new directory for a different model.")
+            raise IncompatibleState("\n".join(lines))
+    elif isinstance(obj, torch.optim.Optimizer):
+        have = [len(g["params"]) for g in obj.param_groups]
+        got = [len(g.get("params", [])) for g in saved.get("param_groups", [])]
+        if have != got:
+            raise IncompatibleState(f"checkpoint {path} does not fit state[{name!r}]: its optimizer has "
+                                    f"param groups of sizes {got}, this optimizer {have}")
+
+
+def _few(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")

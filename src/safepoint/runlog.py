@@ -1,0 +1,65 @@
+"""The run's own records beside its checkpoints.
+
+``run.json`` holds the run id and the durable, mutable facts about checkpoints (pins; later:
+mirrored). It is replaced atomically. ``events.jsonl`` is an append-only log of what happened
+(start, save, restore, skip, prune, signal); ``metrics.jsonl`` is the metric log that
+``step(metrics=...)`` feeds, one line per step with the attempt that logged it, so a curve can be
+stitched across restarts. Log lines are flushed, not fsynced: losing the last few lines in a crash
+costs nothing, while fsyncing every step would cost throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import layout
+from .catalog import read_run_meta
+from .commit import write_json_atomic
+from .manifest import utc_now
+
+
+class RunLog:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.meta = read_run_meta(run_dir)
+        if "run_id" not in self.meta:
+            self.meta = {"run_id": secrets.token_hex(8), "created": utc_now(), "pins": []}
+            self.write_meta()
+        self.attempt = secrets.token_hex(4)
+        self._events: TextIO = open(run_dir / layout.EVENTS_FILE, "a", encoding="utf-8")
+        self._metrics: TextIO = open(run_dir / layout.METRICS_FILE, "a", encoding="utf-8")
+
+    @property
+    def run_id(self) -> str:
+        return self.meta["run_id"]
+
+    def write_meta(self) -> None:
+        write_json_atomic(self.run_dir / layout.RUN_FILE, self.meta)
+
+    def set_pinned(self, step: int, pinned: bool) -> None:
+        pins = set(self.meta.get("pins", []))
+        pins.add(step) if pinned else pins.discard(step)
+        self.meta["pins"] = sorted(pins)
+        self.write_meta()
+
+    def event(self, kind: str, **fields: Any) -> None:
+        record = {"time": utc_now(), "event": kind, "attempt": self.attempt, "pid": os.getpid(), **fields}
+        self._events.write(json.dumps(record, default=str) + "\n")
+        self._events.flush()
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        record = {"step": step, "time": time.time(), "attempt": self.attempt, **values}
+        self._metrics.write(json.dumps(record, default=float) + "\n")
+
+    def flush(self) -> None:
+        self._metrics.flush()
+
+    def close(self) -> None:
+        for f in (self._events, self._metrics):
+            if not f.closed:
+                f.close()

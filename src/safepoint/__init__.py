@@ -11,12 +11,12 @@ from .errors import (CheckpointNotFound, CorruptCheckpoint, DirectoryLocked, Inc
                      InsufficientDiskSpace, RunDirectoryError, SafepointError, SafepointWarning,
                      UnsupportedFormat)
 from .manager import CheckpointManager, RestoreReport
-from .retention import KeepLast
+from .retention import KeepBest, KeepEvery, KeepLast, KeepWithin
 from .stateful import Stateful
 
 __all__ = [
     "CheckpointInfo", "CheckpointManager", "CheckpointNotFound", "CorruptCheckpoint", "DirectoryLocked",
-    "IncompatibleState", "InsufficientDiskSpace", "KeepLast", "RestoreReport", "ResumableLoader",
+    "IncompatibleState", "InsufficientDiskSpace", "KeepBest", "KeepEvery", "KeepLast", "KeepWithin", "RestoreReport", "ResumableLoader",
     "ResumableSampler", "RunDirectoryError", "SafepointError", "SafepointWarning", "Stateful",
     "UnsupportedFormat", "list_checkpoints", "verify",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from . import layout
@@ -33,6 +34,10 @@ class CheckpointInfo:
     mirrored: bool = False
     run_id: str = ""
     world_size: int = 1
+
+    @property
+    def committed_at(self) -> datetime:
+        return datetime.fromisoformat(self.committed or self.created)
 
     @classmethod
     def from_manifest(cls, path: Path, m: Manifest, *, pinned: bool = False, mirrored: bool = False) -> "CheckpointInfo":

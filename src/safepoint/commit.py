@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import layout
+from . import faults, layout
 
 HASH_ALGORITHM = "sha256"
 _CHUNK = 8 << 20
@@ -138,6 +138,16 @@ def move_to_trash(run_dir: Path, name: str) -> Path:
     os.rename(run_dir / name, target)
     fsync_dir(run_dir)
     return target
+
+
+def delete_checkpoint(run_dir: Path, name: str) -> None:
+    """Crash-safe delete: one rename takes it out of every listing, then its bytes are removed.
+
+    A crash in between leaves only ``.trash/`` debris, which the next start removes.
+    """
+    moved = move_to_trash(run_dir, name)
+    faults.reach("during_delete")
+    remove_tree(moved)
 
 
 def remove_tree(path: Path) -> None:

@@ -15,6 +15,7 @@ skips (with a warning naming it) any that fails, checks the survivor fits the st
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -24,19 +25,21 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from . import faults, layout, stateful
 from .catalog import CheckpointInfo, leftover_tmp_dirs, list_checkpoints, scan, verify
 from .codec import Encoder, decode
-from .commit import HASH_ALGORITHM, commit_dir, dump_json, move_to_trash, remove_tree, write_bytes
-from .errors import (CheckpointNotFound, CorruptCheckpoint, IncompatibleState, RunDirectoryError,
-                     SafepointError, SafepointWarning, UnsupportedFormat)
+from .commit import (HASH_ALGORITHM, commit_dir, delete_checkpoint, dump_json, move_to_trash, remove_tree,
+                     write_bytes)
+from .disk import MinFree, check_space, estimate_checkpoint_size, format_size, parse_size, used_fraction
+from .errors import (CheckpointNotFound, CorruptCheckpoint, IncompatibleState, InsufficientDiskSpace,
+                     RunDirectoryError, SafepointError, SafepointWarning, UnsupportedFormat)
 from .lock import RunLock
 from .manifest import Manifest, library_versions, utc_now
-from .retention import RetentionPolicy, steps_to_delete
+from .retention import RetentionPolicy, budget_candidates, plan_deletions
 from .runlog import RunLog
 from .signals import DEFAULT_SIGNALS, PreemptionWatcher
 from .tensors import read_tensors, write_tensors
@@ -80,17 +83,30 @@ class CheckpointManager:
         every_steps: ``step()`` saves when ``step % every_steps == 0``.
         every_seconds: ``step()`` saves when this long has passed since the last save.
         keep: retention policies (``KeepLast(3)``, ...); their union is kept. None keeps everything.
+        max_disk: hard cap on the run directory's size (bytes or "50GB"); checked before each save.
+        min_free: space to leave free on the filesystem (bytes, "10GB" or "5%").
+        on_save_error: what a failed save in ``step()`` does: "raise" (default) or "warn" and go on
+            training. An explicit ``save()`` always raises.
+        disk_warn_at: warn after a save when the filesystem is fuller than this fraction.
         signals: signal names that mean "save at the next step, then stop"; ``()`` to not catch any.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, every_steps: int | None = None,
                  every_seconds: float | None = None, keep: RetentionPolicy | Iterable[RetentionPolicy] | None = None,
+                 max_disk: int | str | None = None, min_free: int | str | None = None,
+                 on_save_error: Literal["raise", "warn"] = "raise", disk_warn_at: float = 0.9,
                  signals: Iterable[str] = DEFAULT_SIGNALS) -> None:
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
             raise ValueError(f"every_steps must be a positive int or None, got {every_steps!r}")
         if every_seconds is not None and not every_seconds > 0:
             raise ValueError(f"every_seconds must be > 0 or None, got {every_seconds!r}")
+        if on_save_error not in ("raise", "warn"):
+            raise ValueError(f"on_save_error must be 'raise' or 'warn', got {on_save_error!r}")
         self.directory = Path(directory)
+        self.max_disk = None if max_disk is None else parse_size(max_disk, what="max_disk")
+        self.min_free = MinFree.parse(min_free)
+        self.on_save_error = on_save_error
+        self.disk_warn_at = disk_warn_at
         self.every_steps = every_steps
         self.every_seconds = every_seconds
         self.keep: list[RetentionPolicy] = [] if keep is None else [keep] if hasattr(keep, "keep") else list(keep)
@@ -243,8 +259,15 @@ class CheckpointManager:
                or (self.every_seconds is not None and time.monotonic() - self._last_save_time >= self.every_seconds))
         saved = False
         if due and step != self._last_committed:
-            self._save(step, state, clean)
-            saved = True
+            try:
+                self._save(step, state, clean)
+                saved = True
+            except OSError as err:
+                if self.on_save_error == "raise":
+                    raise
+                warnings.warn(f"safepoint: save of step {step} failed, training continues: {err}",
+                              SafepointWarning, stacklevel=2)
+                self._log.event("save_failed", step=step, error=str(err))
         if signal_name is not None:
             self.should_stop = True
             self._log.event("preempted", signal=signal_name, step=step)
@@ -267,13 +290,41 @@ class CheckpointManager:
             encoder = Encoder(name)
             encoded[name] = encoder.encode(sd)
             tensor_sets[name] = encoder.tensors
+        tensor_bytes = sum(t.numel() * t.element_size() for ts in tensor_sets.values() for t in ts.values())
+        self._ensure_space(step, estimate_checkpoint_size(tensor_bytes, len(tensor_sets) + 2))
         info = self._write(step, encoded, tensor_sets, metrics)
         self._last_committed = step
         self._last_save_time = time.monotonic()
         self._log.flush()
         self._log.event("save", step=step, size=info.size, seconds=round(time.monotonic() - started, 4))
         self._apply_retention()
+        self._warn_if_disk_full()
         return info
+
+    def _ensure_space(self, step: int, needed: int) -> None:
+        """Free space for a save of ``needed`` bytes, or raise before anything is written."""
+        check = check_space(self.directory, needed, max_disk=self.max_disk, min_free=self.min_free)
+        if not check.shortfall:
+            return
+        before = check.describe()
+        for victim in budget_candidates(self.list(), self.keep, resumed_from=self._resumed_from):
+            self._delete(victim.step, f"disk budget: step {step} {before}")
+            check = check_space(self.directory, needed, max_disk=self.max_disk, min_free=self.min_free)
+            if not check.shortfall:
+                return
+        raise InsufficientDiskSpace(errno.ENOSPC, (
+            f"not saving step {step} to {self.directory}: it {check.describe()}; short by "
+            f"{format_size(check.shortfall)} after deleting every unprotected checkpoint. Nothing was "
+            "written. Free space on the filesystem, raise max_disk / lower min_free, or unpin "
+            "checkpoints (the newest, best, pinned and resumed-from ones are never deleted, so the "
+            "budget must hold them plus one new checkpoint)"))
+
+    def _warn_if_disk_full(self) -> None:
+        fraction = used_fraction(self.directory)
+        if fraction >= self.disk_warn_at:
+            warnings.warn(f"safepoint: the filesystem of {self.directory} is {fraction:.0%} full",
+                          SafepointWarning, stacklevel=3)
+            self._log.event("disk_warning", used_fraction=round(fraction, 4))
 
     def _write(self, step: int, encoded: dict[str, Any], tensor_sets: dict[str, dict[str, torch.Tensor]],
                metrics: dict[str, float]) -> CheckpointInfo:
@@ -308,17 +359,19 @@ class CheckpointManager:
         return CheckpointInfo.from_manifest(final, manifest)
 
     def _apply_retention(self) -> None:
-        checkpoints = self.list()
-        for step in steps_to_delete(checkpoints, self.keep, resumed_from=self._resumed_from):
-            name = layout.step_dir_name(step)
-            try:
-                moved = move_to_trash(self.directory, name)
-                faults.reach("during_delete")
-                remove_tree(moved)
-            except OSError as err:
-                log.warning("safepoint: could not delete %s: %s (will retry after the next save)", name, err)
-                continue
-            self._log.event("prune", step=step, reason="retention")
+        for deletion in plan_deletions(self.list(), self.keep, resumed_from=self._resumed_from):
+            self._delete(deletion.step, deletion.reason)
+
+    def _delete(self, step: int, reason: str) -> None:
+        """Crash-safe delete: out of every listing by one rename, then removed. Never raises."""
+        name = layout.step_dir_name(step)
+        try:
+            delete_checkpoint(self.directory, name)
+        except OSError as err:
+            log.warning("safepoint: could not delete %s: %s (will retry after the next save)", name, err)
+            return
+        log.info("safepoint: deleted %s (%s)", name, reason)
+        self._log.event("prune", step=step, reason=reason)
 
     def _check_not_foreign(self) -> None:
         if self._restored:

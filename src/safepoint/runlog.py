@@ -11,6 +11,7 @@ costs nothing, while fsyncing every step would cost throughput.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -21,6 +22,8 @@ from . import layout
 from .catalog import read_run_meta
 from .commit import write_json_atomic
 from .manifest import utc_now
+
+log = logging.getLogger("safepoint")
 
 
 class RunLog:
@@ -42,6 +45,8 @@ class RunLog:
         write_json_atomic(self.run_dir / layout.RUN_FILE, self.meta)
 
     def set_pinned(self, step: int, pinned: bool) -> None:
+        # Re-read first: the CLI may pin while a run is live.
+        self.meta = read_run_meta(self.run_dir) or self.meta
         pins = set(self.meta.get("pins", []))
         pins.add(step) if pinned else pins.discard(step)
         self.meta["pins"] = sorted(pins)
@@ -49,17 +54,28 @@ class RunLog:
 
     def event(self, kind: str, **fields: Any) -> None:
         record = {"time": utc_now(), "event": kind, "attempt": self.attempt, "pid": os.getpid(), **fields}
-        self._events.write(json.dumps(record, default=str) + "\n")
-        self._events.flush()
+        try:
+            self._events.write(json.dumps(record, default=str) + "\n")
+            self._events.flush()
+        except OSError as err:  # a full disk must not stop training over a log line
+            log.warning("safepoint: could not append to %s: %s", self._events.name, err)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, "time": time.time(), "attempt": self.attempt, **values}
-        self._metrics.write(json.dumps(record, default=float) + "\n")
+        try:
+            self._metrics.write(json.dumps(record, default=float) + "\n")
+        except OSError as err:
+            log.warning("safepoint: could not append to %s: %s", self._metrics.name, err)
 
     def flush(self) -> None:
-        self._metrics.flush()
+        try:
+            self._metrics.flush()
+        except OSError as err:
+            log.warning("safepoint: could not flush %s: %s", self._metrics.name, err)
 
     def close(self) -> None:
         for f in (self._events, self._metrics):
-            if not f.closed:
+            try:
                 f.close()
+            except OSError as err:
+                log.warning("safepoint: could not close %s: %s", f.name, err)

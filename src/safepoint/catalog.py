@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import layout
-from .commit import hash_file
+from .commit import FileRecord, hash_file
 from .errors import CorruptCheckpoint, UnsupportedFormat
 from .manifest import Manifest, read_manifest
 
@@ -95,15 +95,33 @@ def verify(checkpoint_dir: Path) -> Manifest:
     """
     manifest = read_manifest(checkpoint_dir)
     for name, expected in manifest.files.items():
-        path = checkpoint_dir / name
-        try:
-            actual_size = path.stat().st_size
-        except FileNotFoundError:
-            raise CorruptCheckpoint(f"{path} is missing (the manifest lists it, {expected.size} bytes)") from None
-        if actual_size != expected.size:
-            raise CorruptCheckpoint(f"{path} has {actual_size} bytes, the manifest says {expected.size} (truncated or overwritten)")
-        actual = hash_file(path)
-        if actual.hash != expected.hash:
-            raise CorruptCheckpoint(f"{path} fails its {manifest.hash_algorithm} check: expected "
-                                    f"{expected.hash}, got {actual.hash} (the file was modified or damaged)")
+        check_file(checkpoint_dir / name, expected)
     return manifest
+
+
+def check_presence(checkpoint_dir: Path, manifest: Manifest) -> None:
+    """Every file the manifest lists exists with its recorded size (cheap; no hashing)."""
+    for name, expected in manifest.files.items():
+        check_size(checkpoint_dir / name, expected)
+
+
+def check_size(path: Path, expected: FileRecord) -> None:
+    try:
+        actual_size = path.stat().st_size
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{path} is missing (the manifest lists it, {expected.size} bytes)") from None
+    if actual_size != expected.size:
+        raise CorruptCheckpoint(f"{path} has {actual_size} bytes, the manifest says {expected.size} "
+                                "(truncated or overwritten)")
+
+
+def check_hash(path: Path, expected: FileRecord, actual: FileRecord) -> None:
+    if actual.hash != expected.hash:
+        raise CorruptCheckpoint(f"{path} fails its hash check: expected {expected.hash}, got "
+                                f"{actual.hash} (the file was modified or damaged)")
+
+
+def check_file(path: Path, expected: FileRecord) -> None:
+    """Size and hash of one file against its manifest record."""
+    check_size(path, expected)
+    check_hash(path, expected, hash_file(path))

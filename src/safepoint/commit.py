@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from . import faults, layout
 
 HASH_ALGORITHM = "sha256"
 _CHUNK = 8 << 20
+# One process-wide hashing thread: hash updates must stay in order per file, and two cores are
+# better spent on one hash stream beside the writer than on many.
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safepoint-hash")
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,11 @@ def _explain_os_error(err: OSError, path: Path) -> OSError:
 class HashingWriter:
     """A file opened for a durable write that hashes exactly the bytes it writes.
 
-    ``close()`` flushes and fsyncs and returns the file's ``FileRecord``. Any ``OSError`` (ENOSPC
-    above all) is re-raised naming the file, because ``write`` of a full disk otherwise says little.
+    Hashing runs on a helper thread, one chunk behind the write (both release the GIL), so a save
+    costs max(write, hash) instead of their sum. ``close()`` fsyncs and returns the file's
+    ``FileRecord``. Any ``OSError`` (ENOSPC above all) is re-raised naming the file, because
+    ``write`` on a full disk otherwise says little. The caller must keep written buffers
+    unchanged until ``close()`` returns.
     """
 
     def __init__(self, path: Path) -> None:
@@ -60,17 +67,25 @@ class HashingWriter:
         self._file = open(path, "xb", buffering=0)
         self._hash = hashlib.new(HASH_ALGORITHM)
         self._size = 0
+        self._hashing: Future[None] | None = None
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         try:
-            while view:
-                written = self._file.write(view)
-                self._hash.update(view[:written])
-                self._size += written
-                view = view[written:]
+            for start in range(0, len(view), _CHUNK):
+                chunk = view[start:start + _CHUNK]
+                self._write_all(chunk)
+                if self._hashing is not None:
+                    self._hashing.result()
+                self._hashing = _HASHER.submit(self._hash.update, chunk)
         except OSError as err:
             raise _explain_os_error(err, self.path) from err
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            written = self._file.write(view)
+            self._size += written
+            view = view[written:]
 
     def close(self) -> FileRecord:
         try:
@@ -78,10 +93,17 @@ class HashingWriter:
         except OSError as err:
             raise _explain_os_error(err, self.path) from err
         finally:
+            self._finish_hash()
             self._file.close()
         return FileRecord(self._size, self._hash.hexdigest())
 
+    def _finish_hash(self) -> None:
+        if self._hashing is not None:
+            self._hashing.result()
+            self._hashing = None
+
     def abort(self) -> None:
+        self._finish_hash()
         self._file.close()
 
     def __enter__(self) -> "HashingWriter":
@@ -111,16 +133,35 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
-def hash_file(path: Path) -> FileRecord:
+def read_hashed(path: Path, into: memoryview | None = None) -> FileRecord:
+    """Hash a file in one pass, reading chunk i+1 while chunk i is hashed.
+
+    With ``into`` (a writable buffer of the file's size) the bytes are kept there, so a restore
+    reads each file exactly once; without it they are only hashed (``verify``).
+    """
     h = hashlib.new(HASH_ALGORITHM)
     size = 0
+    pending: Future[None] | None = None
+    spare = [bytearray(_CHUNK), bytearray(_CHUNK)] if into is None else []
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
+        while True:
+            target = memoryview(spare[0]) if into is None else into[size:size + _CHUNK]
+            n = f.readinto(target) if len(target) else 0
+            if pending is not None:
+                pending.result()
+            if not n:
+                break
+            pending = _HASHER.submit(h.update, target[:n])
             size += n
+            if into is None:
+                spare.reverse()
+    if into is not None and size != len(into):
+        raise EOFError(f"{path} has {size} bytes, expected {len(into)}")
     return FileRecord(size, h.hexdigest())
+
+
+def hash_file(path: Path) -> FileRecord:
+    return read_hashed(path)
 
 
 def commit_dir(tmp: Path, final: Path) -> None:

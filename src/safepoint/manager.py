@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from . import faults, layout, stateful
-from .catalog import CheckpointInfo, leftover_tmp_dirs, list_checkpoints, scan, verify
+from .catalog import CheckpointInfo, check_file, check_presence, leftover_tmp_dirs, list_checkpoints, scan
 from .codec import Encoder, decode
 from .commit import (HASH_ALGORITHM, commit_dir, delete_checkpoint, dump_json, move_to_trash, remove_tree,
                      write_bytes)
@@ -42,7 +42,7 @@ from .manifest import Manifest, library_versions, utc_now
 from .retention import RetentionPolicy, budget_candidates, plan_deletions
 from .runlog import RunLog
 from .signals import DEFAULT_SIGNALS, PreemptionWatcher
-from .tensors import read_tensors, write_tensors
+from .tensors import read_tensors_verified, write_tensors
 
 log = logging.getLogger("safepoint")
 STATE_FORMAT_VERSION = 1
@@ -168,7 +168,6 @@ class CheckpointManager:
             try:
                 if not isinstance(manifest, Manifest):
                     raise manifest
-                verify(path)
                 saved = self._read_state(path, manifest)
             except (CorruptCheckpoint, UnsupportedFormat) as err:
                 if step is not None:
@@ -186,6 +185,11 @@ class CheckpointManager:
         return 0
 
     def _read_state(self, path: Path, manifest: Manifest) -> dict[str, Any]:
+        # Every byte is checked against the manifest as it is read, before anything is applied.
+        check_presence(path, manifest)
+        for name, record in manifest.files.items():
+            if not name.endswith(layout.TENSOR_SUFFIX):
+                check_file(path / name, record)
         doc = json.loads((path / layout.STATE).read_bytes())
         version = doc.get("format_version")
         if version != STATE_FORMAT_VERSION:
@@ -194,7 +198,8 @@ class CheckpointManager:
         saved = {}
         for name, encoded in doc["entries"].items():
             tensor_file = path / layout.tensor_file_name(name)
-            tensors = read_tensors(tensor_file) if tensor_file.name in manifest.files else {}
+            record = manifest.files.get(tensor_file.name)
+            tensors = read_tensors_verified(tensor_file, record) if record else {}
             try:
                 saved[name] = decode(encoded, tensors)
             except KeyError as err:

@@ -89,13 +89,14 @@ def restore_rng(rng: Mapping[str, Any]) -> list[str]:
         np.random.set_state(rng["numpy"])
         restored.append("numpy")
     if "torch" in rng:
-        torch.set_rng_state(rng["torch"])
+        # clone(): set_rng_state reads the storage from its start, ignoring a view's offset.
+        torch.set_rng_state(rng["torch"].clone())
         restored.append("torch")
     if "cuda" in rng:
         states = rng["cuda"]
         if torch.cuda.is_available() and torch.cuda.device_count() == len(states):
             for i, s in enumerate(states):
-                torch.cuda.set_rng_state(s, i)
+                torch.cuda.set_rng_state(s.clone(), i)
             restored.append("cuda")
         else:
             have = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .commit import FileRecord, HashingWriter
+from .commit import FileRecord, HashingWriter, read_hashed
+from .catalog import check_hash, check_size
+from .errors import CorruptCheckpoint
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -75,3 +77,34 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> FileRecord:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Load every tensor of a safetensors file onto the CPU (callers place them on devices)."""
     return load_file(str(path), device="cpu")
+
+
+_CODES = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+def read_tensors_verified(path: Path, expected: FileRecord) -> dict[str, torch.Tensor]:
+    """Read a safetensors file once, hashing while reading; tensors are views of one CPU buffer.
+
+    Raises ``CorruptCheckpoint`` when the size or hash differs from the manifest's record, so
+    nothing unverified is ever parsed. The header is plain JSON; no code can run.
+    """
+    check_size(path, expected)
+    buf = torch.empty(expected.size, dtype=torch.uint8)
+    check_hash(path, expected, read_hashed(path, memoryview(buf.numpy()).cast("B")))
+    try:
+        (header_len,) = struct.unpack("<Q", buf[:8].numpy().tobytes())
+        header = json.loads(buf[8:8 + header_len].numpy().tobytes())
+        base = 8 + header_len
+        out = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _CODES[meta["dtype"]]
+            start, end = meta["data_offsets"]
+            raw = buf[base + start:base + end]
+            if (base + start) % dtype.itemsize:
+                raw = raw.clone()  # views need aligned storage offsets
+            out[name] = raw.view(dtype).reshape(meta["shape"])
+        return out
+    except (KeyError, ValueError, RuntimeError, struct.error) as err:
+        raise CorruptCheckpoint(f"{path} is not a valid safetensors file: {err!r}") from err

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep per step (to leave time for kills)")
     p.add_argument("--out", help="write the final weights here (safetensors)")
+    p.add_argument("--async-save", action="store_true", help="save in the background")
     p.add_argument("--crash-at", type=int, help="simulate a crash: os._exit(1) right after this step")
     args = p.parse_args(argv)
 
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "data": loader}
 
-    with CheckpointManager(args.dir, every_steps=args.every, keep=[KeepLast(args.keep)]) as ckpt:
+    with CheckpointManager(args.dir, every_steps=args.every, keep=[KeepLast(args.keep)],
+                           async_save=args.async_save) as ckpt:
         start = ckpt.restore(state)
         print(f"start step {start}", flush=True)
         batches = loader.iter_forever()

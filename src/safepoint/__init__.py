@@ -5,6 +5,7 @@ The public API is re-exported here; everything else is an implementation detail.
 
 __version__ = "0.1.0"
 
+from .async_save import SaveHandle
 from .catalog import CheckpointInfo, list_checkpoints, verify
 from .data import ResumableLoader, ResumableSampler
 from .errors import (CheckpointNotFound, CorruptCheckpoint, DirectoryLocked, IncompatibleState,
@@ -17,6 +18,6 @@ from .stateful import Stateful
 __all__ = [
     "CheckpointInfo", "CheckpointManager", "CheckpointNotFound", "CorruptCheckpoint", "DirectoryLocked",
     "IncompatibleState", "InsufficientDiskSpace", "KeepBest", "KeepEvery", "KeepLast", "KeepWithin", "RestoreReport", "ResumableLoader",
-    "ResumableSampler", "RunDirectoryError", "SafepointError", "SafepointWarning", "Stateful",
+    "ResumableSampler", "RunDirectoryError", "SaveHandle", "SafepointError", "SafepointWarning", "Stateful",
     "UnsupportedFormat", "list_checkpoints", "verify",
 ]

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from . import faults, layout, stateful
+from .async_save import BackgroundWriter, SaveHandle, StagingBuffers
 from .catalog import CheckpointInfo, check_file, check_presence, leftover_tmp_dirs, list_checkpoints, scan
 from .codec import Encoder, decode
 from .commit import (HASH_ALGORITHM, commit_dir, delete_checkpoint, dump_json, move_to_trash, remove_tree,
@@ -88,6 +89,7 @@ class CheckpointManager:
         on_save_error: what a failed save in ``step()`` does: "raise" (default) or "warn" and go on
             training. An explicit ``save()`` always raises.
         disk_warn_at: warn after a save when the filesystem is fuller than this fraction.
+        async_save: ``step()`` saves with ``save_async``: it returns once the state is staged.
         signals: signal names that mean "save at the next step, then stop"; ``()`` to not catch any.
     """
 
@@ -95,6 +97,7 @@ class CheckpointManager:
                  every_seconds: float | None = None, keep: RetentionPolicy | Iterable[RetentionPolicy] | None = None,
                  max_disk: int | str | None = None, min_free: int | str | None = None,
                  on_save_error: Literal["raise", "warn"] = "raise", disk_warn_at: float = 0.9,
+                 async_save: bool = False,
                  signals: Iterable[str] = DEFAULT_SIGNALS) -> None:
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
             raise ValueError(f"every_steps must be a positive int or None, got {every_steps!r}")
@@ -107,6 +110,7 @@ class CheckpointManager:
         self.min_free = MinFree.parse(min_free)
         self.on_save_error = on_save_error
         self.disk_warn_at = disk_warn_at
+        self.async_save = async_save
         self.every_steps = every_steps
         self.every_seconds = every_seconds
         self.keep: list[RetentionPolicy] = [] if keep is None else [keep] if hasattr(keep, "keep") else list(keep)
@@ -114,7 +118,10 @@ class CheckpointManager:
         self.restore_report: RestoreReport | None = None
         self._restored = False
         self._resumed_from: int | None = None
-        self._last_committed: int | None = None
+        self._last_saved: int | None = None
+        self._pending: SaveHandle | None = None
+        self._staging = StagingBuffers()
+        self._writer = BackgroundWriter()
         self._last_save_time = time.monotonic()
         self._closed = False
 
@@ -235,7 +242,7 @@ class CheckpointManager:
         self._restored = True
         self.restore_report = report
         if report.path is not None:
-            self._resumed_from = self._last_committed = report.step
+            self._resumed_from = self._last_saved = report.step
         for name in report.not_in_checkpoint:
             warnings.warn(f"safepoint: state[{name!r}] is not in checkpoint {report.path}; it keeps its "
                           "current value", SafepointWarning, stacklevel=3)
@@ -252,7 +259,8 @@ class CheckpointManager:
     def step(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = None) -> bool:
         """Record ``metrics`` and save if a save is due or a preemption signal arrived.
 
-        Returns True when it saved. After a signal, the save is committed and ``should_stop`` is set.
+        Returns True when it saved (with ``async_save``: when a save was started). After a signal,
+        the save is committed (synchronously, after the one in flight) and ``should_stop`` is set.
         """
         self._check_open()
         clean = _clean_metrics(metrics)
@@ -263,16 +271,20 @@ class CheckpointManager:
                or (self.every_steps is not None and step % self.every_steps == 0)
                or (self.every_seconds is not None and time.monotonic() - self._last_save_time >= self.every_seconds))
         saved = False
-        if due and step != self._last_committed:
-            try:
-                self._save(step, state, clean)
+        try:
+            self._surface_pending_error(blocking=False)
+            if due and step != self._last_saved:
+                if self.async_save and signal_name is None:
+                    self._save_async(step, state, clean)
+                else:
+                    self._save(step, state, clean)
                 saved = True
-            except OSError as err:
-                if self.on_save_error == "raise":
-                    raise
-                warnings.warn(f"safepoint: save of step {step} failed, training continues: {err}",
-                              SafepointWarning, stacklevel=2)
-                self._log.event("save_failed", step=step, error=str(err))
+        except OSError as err:
+            if self.on_save_error == "raise":
+                raise
+            warnings.warn(f"safepoint: save of step {step} failed, training continues: {err}",
+                          SafepointWarning, stacklevel=2)
+            self._log.event("save_failed", step=step, error=str(err))
         if signal_name is not None:
             self.should_stop = True
             self._log.event("preempted", signal=signal_name, step=step)
@@ -284,12 +296,47 @@ class CheckpointManager:
         self._check_open()
         return self._save(step, state, _clean_metrics(metrics))
 
+    def save_async(self, step: int, state: Mapping[str, Any], *,
+                   metrics: Mapping[str, Any] | None = None) -> SaveHandle:
+        """Stage the state in host memory and return; the write and commit go on in the background.
+
+        The call first waits for the save in flight (raising its error, if it failed). Once it
+        returns, training may modify every tensor in ``state``: the checkpoint holds the values
+        at this call.
+        """
+        self._check_open()
+        return self._save_async(step, state, _clean_metrics(metrics))
+
+    def wait(self) -> CheckpointInfo | None:
+        """Block until the save in flight is committed; re-raise its error. None if none was."""
+        self._check_open()
+        return self._surface_pending_error(blocking=True)
+
     def _save(self, step: int, state: Mapping[str, Any], metrics: dict[str, float]) -> CheckpointInfo:
+        self._surface_pending_error(blocking=True)
+        started = time.monotonic()
+        encoded, tensor_sets = self._prepare(step, state)
+        # Tensors on a GPU go through the pinned staging buffers; CPU tensors are written as they are.
+        tensor_sets = self._staging.stage(tensor_sets, only_devices=True)
+        return self._commit(step, encoded, tensor_sets, metrics, started)
+
+    def _save_async(self, step: int, state: Mapping[str, Any], metrics: dict[str, float]) -> SaveHandle:
+        self._surface_pending_error(blocking=True)
+        started = time.monotonic()
+        encoded, tensor_sets = self._prepare(step, state)
+        staged = self._staging.stage(tensor_sets)
+        self._last_saved = step
+        self._log.event("stage", step=step, seconds=round(time.monotonic() - started, 4),
+                        staging_bytes=self._staging.nbytes)
+        self._pending = self._writer.submit(step, lambda: self._commit(step, encoded, staged, metrics, started))
+        return self._pending
+
+    def _prepare(self, step: int, state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """Validate, collect and encode the state, and make room for it; nothing is written yet."""
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         stateful.check_state(state)
         self._check_not_foreign()
-        started = time.monotonic()
         encoded, tensor_sets = {}, {}
         for name, sd in stateful.collect(state).items():
             encoder = Encoder(name)
@@ -297,14 +344,33 @@ class CheckpointManager:
             tensor_sets[name] = encoder.tensors
         tensor_bytes = sum(t.numel() * t.element_size() for ts in tensor_sets.values() for t in ts.values())
         self._ensure_space(step, estimate_checkpoint_size(tensor_bytes, len(tensor_sets) + 2))
+        return encoded, tensor_sets
+
+    def _commit(self, step: int, encoded: dict[str, Any], tensor_sets: dict[str, dict[str, torch.Tensor]],
+                metrics: dict[str, float], started: float) -> CheckpointInfo:
+        """Write, commit, apply retention. Runs on the caller's thread or the background writer."""
         info = self._write(step, encoded, tensor_sets, metrics)
-        self._last_committed = step
+        self._last_saved = step
         self._last_save_time = time.monotonic()
         self._log.flush()
         self._log.event("save", step=step, size=info.size, seconds=round(time.monotonic() - started, 4))
         self._apply_retention()
         self._warn_if_disk_full()
         return info
+
+    def _surface_pending_error(self, *, blocking: bool) -> CheckpointInfo | None:
+        """Raise the error of the previous background save, once; optionally wait for it first."""
+        pending = self._pending
+        if pending is None or (not blocking and not pending.done()):
+            return None
+        self._pending = None
+        try:
+            return pending.result()
+        except BaseException as err:
+            if pending.observed:  # the caller already got it from handle.result()
+                return None
+            self._log.event("save_failed", step=pending.step, error=str(err))
+            raise
 
     def _ensure_space(self, step: int, needed: int) -> None:
         """Free space for a save of ``needed`` bytes, or raise before anything is written."""
@@ -422,17 +488,26 @@ class CheckpointManager:
         """Release the directory lock and the signal handlers. Safe to call twice."""
         if self._closed:
             return
-        self._closed = True
-        self._watcher.uninstall()
-        self._log.event("close", should_stop=self.should_stop)
-        self._log.close()
-        self._lock.release()
+        try:
+            self._surface_pending_error(blocking=True)
+        finally:
+            self._closed = True
+            self._writer.shutdown()
+            self._watcher.uninstall()
+            self._log.event("close", should_stop=self.should_stop)
+            self._log.close()
+            self._lock.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            self.close()
+        except Exception:
+            if exc_type is None:
+                raise
+            log.exception("safepoint: a background save failed while another error was raised")
 
     def __repr__(self) -> str:
         return f"CheckpointManager({str(self.directory)!r}, every_steps={self.every_steps}, keep={self.keep})"

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,6 +35,7 @@ class RunLog:
             self.meta = {"run_id": secrets.token_hex(8), "created": utc_now(), "pins": []}
             self.write_meta()
         self.attempt = secrets.token_hex(4)
+        self._lock = threading.Lock()
         self._events: TextIO = open(run_dir / layout.EVENTS_FILE, "a", encoding="utf-8")
         self._metrics: TextIO = open(run_dir / layout.METRICS_FILE, "a", encoding="utf-8")
 
@@ -55,21 +57,24 @@ class RunLog:
     def event(self, kind: str, **fields: Any) -> None:
         record = {"time": utc_now(), "event": kind, "attempt": self.attempt, "pid": os.getpid(), **fields}
         try:
-            self._events.write(json.dumps(record, default=str) + "\n")
-            self._events.flush()
+            with self._lock:  # the background writer logs too
+                self._events.write(json.dumps(record, default=str) + "\n")
+                self._events.flush()
         except OSError as err:  # a full disk must not stop training over a log line
             log.warning("safepoint: could not append to %s: %s", self._events.name, err)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, "time": time.time(), "attempt": self.attempt, **values}
         try:
-            self._metrics.write(json.dumps(record, default=float) + "\n")
+            with self._lock:
+                self._metrics.write(json.dumps(record, default=float) + "\n")
         except OSError as err:
             log.warning("safepoint: could not append to %s: %s", self._metrics.name, err)
 
     def flush(self) -> None:
         try:
-            self._metrics.flush()
+            with self._lock:
+                self._metrics.flush()
         except OSError as err:
             log.warning("safepoint: could not flush %s: %s", self._metrics.name, err)
 

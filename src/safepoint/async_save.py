@@ -83,13 +83,20 @@ class SaveHandle:
         return self._future.done()
 
     def result(self, timeout: float | None = None) -> Any:
-        """Wait for the commit; re-raise the background error if the save failed."""
+        """Wait for the commit; re-raise the background error if the save failed.
+
+        An error seen here is not raised again by the manager's next call.
+        """
         try:
             return self._future.result(timeout)
         except BaseException:
             if self._future.done():
                 self.observed = True
             raise
+
+    def wait_quietly(self) -> Any:
+        """``result()`` for the manager itself: does not count as the caller having seen an error."""
+        return self._future.result()
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "in flight"

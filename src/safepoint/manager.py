@@ -365,7 +365,7 @@ class CheckpointManager:
             return None
         self._pending = None
         try:
-            return pending.result()
+            return pending.wait_quietly()
         except BaseException as err:
             if pending.observed:  # the caller already got it from handle.result()
                 return None

@@ -1,0 +1,240 @@
+"""Hugging Face Trainer (and ms-swift, TRL): commit each ``checkpoint-N`` with a manifest.
+
+The Trainer writes straight into ``checkpoint-N`` and never fsyncs, so a crash mid-save leaves a
+directory that ``resume_from_checkpoint=True`` picks and then fails on. ``SafepointCallback``
+makes a ``checkpoint-N`` count only once safepoint has fsynced every file in it and written its
+``manifest.json`` (sizes + hashes) last, atomically; ``latest_checkpoint`` returns the newest
+committed *and verified* one. Around that: retention and the disk budget (checked before the
+Trainer starts writing), and SIGTERM/SIGINT/SIGUSR1 turned into save-then-stop.
+
+    trainer = Trainer(..., callbacks=[SafepointCallback(keep=[KeepLast(2)], max_disk="20GB")])
+    trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .. import faults, layout
+from ..catalog import CheckpointInfo, read_run_meta, verify
+from ..commit import (HASH_ALGORITHM, delete_checkpoint, dump_json, fsync_dir, hash_file, write_bytes)
+from ..disk import MinFree, check_space, format_size, parse_size
+from ..errors import CorruptCheckpoint, InsufficientDiskSpace, SafepointWarning, UnsupportedFormat
+from ..lock import RunLock
+from ..manifest import Manifest, library_versions, read_manifest, utc_now
+from ..retention import RetentionPolicy, budget_candidates, plan_deletions
+from ..runlog import RunLog
+from ..signals import DEFAULT_SIGNALS, PreemptionWatcher
+
+log = logging.getLogger("safepoint")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+__all__ = ["SafepointCallback", "latest_checkpoint", "commit_checkpoint_dir"]
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-N`` directories, newest first."""
+    try:
+        names = os.listdir(output_dir)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), output_dir / n) for n in names if (m := _CHECKPOINT.match(n))]
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
+    """The newest ``checkpoint-N`` that safepoint committed and that verifies; None if there is none.
+
+    Unfinished (no manifest) and corrupt checkpoints are skipped with a warning naming them. Pass
+    the result straight to ``trainer.train(resume_from_checkpoint=...)``: None starts afresh.
+    """
+    for _, path in _checkpoint_dirs(Path(output_dir)):
+        try:
+            verify(path)
+        except (CorruptCheckpoint, UnsupportedFormat) as err:
+            warnings.warn(f"safepoint: skipping {path}: {err}", SafepointWarning, stacklevel=2)
+            continue
+        return str(path)
+    return None
+
+
+def committed_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
+    """Committed ``checkpoint-N`` directories as ``CheckpointInfo``, oldest first."""
+    pins = set(read_run_meta(output_dir).get("pins", []))
+    out = []
+    for step, path in _checkpoint_dirs(output_dir):
+        try:
+            manifest = read_manifest(path)
+        except (CorruptCheckpoint, UnsupportedFormat):
+            continue
+        out.append(CheckpointInfo.from_manifest(path, manifest, pinned=step in pins))
+    return out[::-1]
+
+
+def commit_checkpoint_dir(path: Path, *, step: int, run_id: str, metrics: dict[str, Any]) -> Manifest:
+    """Make a directory someone else wrote durable and committed: fsync, hash, manifest last."""
+    files = {}
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            file = Path(root) / name
+            rel = file.relative_to(path).as_posix()
+            if rel == layout.MANIFEST or rel.startswith(".manifest.tmp"):
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            files[rel] = hash_file(file)
+        fsync_dir(Path(root))
+    faults.reach("before_manifest")
+    manifest = Manifest(step=step, run_id=run_id, files=files, hash_algorithm=HASH_ALGORITHM,
+                        created=utc_now(), committed=utc_now(), metrics=metrics, versions=library_versions())
+    tmp = path / f".manifest.tmp-{os.getpid()}"
+    write_bytes(tmp, dump_json(manifest.to_json()))
+    os.replace(tmp, path / layout.MANIFEST)
+    fsync_dir(path)
+    return manifest
+
+
+class SafepointCallback(TrainerCallback):
+    """Commits, budgets and prunes the Trainer's checkpoints; turns preemption into save-and-stop.
+
+    Args:
+        keep: retention policies over committed checkpoints (leave the Trainer's
+            ``save_total_limit`` unset; it deletes without knowing what is protected).
+        max_disk / min_free: the disk budget, checked before the Trainer starts a save.
+        on_save_error: "raise" (default) or "warn": skip a save that does not fit and train on.
+        signals: signal names that mean "save at the next step, then stop".
+    """
+
+    def __init__(self, *, keep: RetentionPolicy | Iterable[RetentionPolicy] | None = None,
+                 max_disk: int | str | None = None, min_free: int | str | None = None,
+                 on_save_error: Literal["raise", "warn"] = "raise",
+                 signals: Iterable[str] = DEFAULT_SIGNALS) -> None:
+        if on_save_error not in ("raise", "warn"):
+            raise ValueError(f"on_save_error must be 'raise' or 'warn', got {on_save_error!r}")
+        self.keep = [] if keep is None else [keep] if hasattr(keep, "keep") else list(keep)
+        self.max_disk = None if max_disk is None else parse_size(max_disk, what="max_disk")
+        self.min_free = MinFree.parse(min_free)
+        self.on_save_error = on_save_error
+        self._watcher = PreemptionWatcher(tuple(signals))
+        self._output_dir: Path | None = None
+        self._lock: RunLock | None = None
+        self._log: RunLog | None = None
+        self._resumed_from: int | None = None
+        self.should_stop = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if not args.should_save:  # only the main process commits
+            return
+        self._output_dir = Path(args.output_dir)
+        self._output_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = RunLock(self._output_dir)
+        self._lock.acquire()
+        self._log = RunLog(self._output_dir)
+        resumed = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
+        if resumed and (m := _CHECKPOINT.match(Path(resumed).name)):
+            self._resumed_from = int(m.group(1))
+        self._log.event("start", resumed_from=self._resumed_from, global_step=state.global_step)
+        self._remove_unfinished()
+        self._watcher.install()
+
+    def _remove_unfinished(self) -> None:
+        """``checkpoint-N`` without a manifest is a save that never finished: debris, like a tmp dir."""
+        assert self._output_dir is not None and self._log is not None
+        for step, path in _checkpoint_dirs(self._output_dir):
+            if step != self._resumed_from and not (path / layout.MANIFEST).exists():
+                delete_checkpoint(self._output_dir, path.name)
+                self._log.event("gc", removed=path.name, reason="unfinished save (no manifest)")
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._watcher.uninstall()
+        if self._log is not None:
+            self._log.event("close", global_step=state.global_step, should_stop=self.should_stop)
+            self._log.close()
+            self._log = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._watcher.received is not None and not self.should_stop:
+            self.should_stop = True
+            control.should_save = True
+            control.should_training_stop = True
+            if self._log is not None:
+                self._log.event("preempted", signal=self._watcher.received, step=state.global_step)
+        if control.should_save and self._output_dir is not None:
+            self._make_room(state.global_step, control, kwargs.get("model"))
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._output_dir is None or self._log is None:
+            return control
+        step = state.global_step
+        path = self._output_dir / f"checkpoint-{step}"
+        if not path.is_dir():
+            return control
+        metrics = {k: v for entry in state.log_history if entry.get("step") == step
+                   for k, v in entry.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+        manifest = commit_checkpoint_dir(path, step=step, run_id=self._log.run_id, metrics=metrics)
+        self._log.event("save", step=step, size=manifest.total_size, checkpoint=path.name)
+        for deletion in plan_deletions(committed_checkpoints(self._output_dir), self.keep,
+                                       resumed_from=self._resumed_from):
+            self._delete(deletion.step, deletion.reason)
+        return control
+
+    def _make_room(self, step: int, control: TrainerControl, model: Any) -> None:
+        """The pre-save check: free space under the budget, or refuse before the Trainer writes."""
+        assert self._output_dir is not None
+        checkpoints = committed_checkpoints(self._output_dir)
+        needed = checkpoints[-1].size if checkpoints else _estimate_from_model(model)
+        check = check_space(self._output_dir, needed, max_disk=self.max_disk, min_free=self.min_free)
+        if not check.shortfall:
+            return
+        before = check.describe()
+        for victim in budget_candidates(checkpoints, self.keep, resumed_from=self._resumed_from):
+            self._delete(victim.step, f"disk budget: checkpoint-{step} {before}")
+            check = check_space(self._output_dir, needed, max_disk=self.max_disk, min_free=self.min_free)
+            if not check.shortfall:
+                return
+        message = (f"not saving checkpoint-{step} in {self._output_dir}: it {check.describe()}; short by "
+                   f"{format_size(check.shortfall)} after deleting every unprotected checkpoint. Free "
+                   "space, raise max_disk / lower min_free, or unpin checkpoints")
+        if self.on_save_error == "raise":
+            raise InsufficientDiskSpace(28, message)
+        warnings.warn(f"safepoint: {message}; training continues", SafepointWarning, stacklevel=2)
+        control.should_save = False
+        if self._log is not None:
+            self._log.event("save_failed", step=step, error=message)
+
+    def _delete(self, step: int, reason: str) -> None:
+        assert self._output_dir is not None and self._log is not None
+        try:
+            delete_checkpoint(self._output_dir, f"checkpoint-{step}")
+        except OSError as err:
+            log.warning("safepoint: could not delete checkpoint-%d: %s", step, err)
+            return
+        self._log.event("prune", step=step, reason=reason)
+
+
+def _estimate_from_model(model: Any) -> int:
+    """First save, nothing to measure yet: weights + AdamW's two moments."""
+    if model is None:
+        return 0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return weights + 2 * trainable

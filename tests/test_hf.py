@@ -1,0 +1,83 @@
+"""The Trainer integration with a real transformers.Trainer: committed checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the hf extra (transformers, accelerate) is not installed")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from safepoint import SafepointWarning, verify  # noqa: E402
+from safepoint.hf import commit_checkpoint_dir, latest_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "hf_train.py"
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("SAFEPOINT_FAULT", None)
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+@pytest.mark.slow
+def test_kill_during_commit_then_auto_resume_is_bitwise_exact_and_plain_resume_is_not_safe(tmp_path):
+    run("--out-dir", str(tmp_path / "ref"), "--steps", "16", "--weights", str(tmp_path / "ref.safetensors"))
+
+    crashy = tmp_path / "crashy"
+    killed = run("--out-dir", str(crashy), "--steps", "16", "--kill-in-save", "12", check=False)
+    assert killed.returncode == -9
+    # checkpoint-12 was written by the Trainer but never committed.
+    assert (crashy / "checkpoint-12" / "model.safetensors").exists()
+    assert not (crashy / "checkpoint-12" / "manifest.json").exists()
+    with pytest.warns(SafepointWarning, match="checkpoint-12"):
+        assert latest_checkpoint(crashy) == str(crashy / "checkpoint-8")
+    verify(crashy / "checkpoint-8")
+
+    # The contrast: the Trainer's own resume picks the newest directory, half written or not.
+    plain = tmp_path / "plain"
+    shutil.copytree(crashy, plain)
+    half = plain / "checkpoint-12" / "model.safetensors"
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
+    failed = run("--out-dir", str(plain), "--steps", "16", "--plain-resume", check=False)
+    assert failed.returncode != 0
+
+    resumed = run("--out-dir", str(crashy), "--steps", "16", "--weights", str(tmp_path / "crashy.safetensors"))
+    assert f"resume from {crashy / 'checkpoint-8'}" in resumed.stdout
+    ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "crashy.safetensors")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    # Every checkpoint left is committed and verifies; the unfinished one was replaced.
+    for path in crashy.glob("checkpoint-*"):
+        verify(path)
+
+
+def test_commit_checkpoint_dir_and_latest_checkpoint_fall_back_past_corruption(tmp_path):
+    for step in (2, 4, 6):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        (ckpt / "sub").mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(os.urandom(1000))
+        (ckpt / "sub" / "extra.bin").write_bytes(b"x" * step)
+        manifest = commit_checkpoint_dir(ckpt, step=step, run_id="r", metrics={"loss": 1.0})
+        assert set(manifest.files) == {"model.safetensors", "sub/extra.bin"}
+        verify(ckpt)
+    (tmp_path / "checkpoint-8").mkdir()  # unfinished: no manifest
+    data = bytearray((tmp_path / "checkpoint-6" / "model.safetensors").read_bytes())
+    data[10] ^= 0xFF
+    (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.warns(SafepointWarning) as caught:
+        assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "checkpoint-8" in messages and "checkpoint-6" in messages and "hash" in messages
+    assert latest_checkpoint(tmp_path / "missing") is None

@@ -40,7 +40,7 @@ class Encoder:
     def _tensor_name(self, path: tuple[Any, ...]) -> str:
         base = ".".join(str(p) for p in path) or "_"
         name, n = base, 1
-        while name in self.tensors:
+        while name in self.tensors or name == "__metadata__":  # safetensors reserves "__metadata__"
             name, n = f"{base}#{n}", n + 1
         return name
 
@@ -53,7 +53,7 @@ class Encoder:
             return obj
         if isinstance(obj, int):
             return int(obj)
-        if isinstance(obj, float):
+        if isinstance(obj, float) and not isinstance(obj, np.generic):  # np.float64 is a float
             return float(obj) if math.isfinite(obj) else {"__float__": repr(float(obj))}
         if isinstance(obj, Mapping):
             if all(isinstance(k, str) and k not in _TAGS for k in obj):
@@ -67,6 +67,11 @@ class Encoder:
             return {"__bytes__": base64.b64encode(bytes(obj)).decode()}
         if isinstance(obj, (np.ndarray, np.generic)):
             arr = np.asarray(obj)
+            if arr.dtype.hasobject or arr.dtype.fields is not None:
+                raise TypeError(
+                    f"state[{self.entry!r}]{_path_str(path)} is a numpy array of dtype {arr.dtype}, which "
+                    "safepoint does not store (object arrays would need pickles; structured dtypes lose "
+                    "their fields). Convert it to a plain numeric array or to lists.")
             return {"__numpy__": {"dtype": arr.dtype.str, "shape": list(arr.shape),
                                   "scalar": isinstance(obj, np.generic),
                                   "data": base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode()}}
@@ -103,7 +108,10 @@ def decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
             arr = arr.reshape(value["shape"]).copy()
             return arr[()] if value["scalar"] else arr
         if tag == "__dtype__":
-            return getattr(torch, value)
+            dtype = getattr(torch, str(value), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"{value!r} is not a torch dtype")
+            return dtype
         if tag == "__device__":
             return torch.device(value)
     return {k: decode(v, tensors) for k, v in obj.items()}

@@ -9,6 +9,7 @@ checkpoint or a complete one. Deletion is the same dance in reverse: rename into
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -192,4 +193,33 @@ def delete_checkpoint(run_dir: Path, name: str) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Commit ``tmp`` over an existing committed ``final`` (a step saved again), atomically.
+
+    Linux's ``renameat2(RENAME_EXCHANGE)`` swaps the two names in one step, so a crash leaves
+    the old or the new checkpoint, never neither. Where it is missing, fall back to moving the
+    old one aside first (a crash in that short window loses only this step's old copy).
+    """
+    fsync_dir(tmp)
+    if _exchange(tmp, final):
+        fsync_dir(final.parent)
+        remove_tree(tmp)  # now holds the old checkpoint
+        return
+    remove_tree(move_to_trash(final.parent, final.name))
+    commit_dir(tmp, final)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -33,7 +33,7 @@ from . import faults, layout, stateful
 from .async_save import BackgroundWriter, SaveHandle, StagingBuffers
 from .catalog import CheckpointInfo, check_file, check_presence, leftover_tmp_dirs, list_checkpoints, scan
 from .codec import Encoder, decode
-from .commit import (HASH_ALGORITHM, commit_dir, delete_checkpoint, dump_json, move_to_trash, remove_tree,
+from .commit import (HASH_ALGORITHM, commit_dir, delete_checkpoint, dump_json, remove_tree, replace_dir,
                      write_bytes)
 from .disk import MinFree, check_space, estimate_checkpoint_size, format_size, parse_size, used_fraction
 from .errors import (CheckpointNotFound, CorruptCheckpoint, IncompatibleState, InsufficientDiskSpace,
@@ -198,6 +198,8 @@ class CheckpointManager:
             if not name.endswith(layout.TENSOR_SUFFIX):
                 check_file(path / name, record)
         doc = json.loads((path / layout.STATE).read_bytes())
+        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
+            raise CorruptCheckpoint(f"{path / layout.STATE} has no 'entries' mapping")
         version = doc.get("format_version")
         if version != STATE_FORMAT_VERSION:
             raise UnsupportedFormat(f"{path / layout.STATE} has state format version {version!r}; this "
@@ -209,9 +211,9 @@ class CheckpointManager:
             tensors = read_tensors_verified(tensor_file, record) if record else {}
             try:
                 saved[name] = decode(encoded, tensors)
-            except KeyError as err:
-                raise CorruptCheckpoint(f"{path / layout.STATE} refers to tensor {err} that "
-                                        f"{tensor_file.name} does not hold") from None
+            except (KeyError, ValueError, TypeError, AttributeError) as err:
+                raise CorruptCheckpoint(f"{path / layout.STATE} entry {name!r} cannot be decoded: {err!r} "
+                                        f"(a tensor missing from {tensor_file.name}, or a damaged state file)") from None
         return saved
 
     def _apply(self, state: Mapping[str, Any], saved: dict[str, Any], manifest: Manifest, path: Path) -> RestoreReport:
@@ -419,10 +421,10 @@ class CheckpointManager:
                                 versions=library_versions())
             write_bytes(tmp / layout.MANIFEST, dump_json(manifest.to_json()))
             faults.reach("before_rename")
-            if final.exists():
-                # Saving a step again (an explicit save() of a step already on disk) replaces it.
-                remove_tree(move_to_trash(self.directory, final.name))
-            commit_dir(tmp, final)
+            if final.exists():  # an explicit save() of a step already on disk replaces it
+                replace_dir(tmp, final)
+            else:
+                commit_dir(tmp, final)
         except BaseException:
             remove_tree(tmp)
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -88,14 +89,17 @@ def leftover_tmp_dirs(run_dir: Path) -> list[Path]:
         return []
 
 
-def verify(checkpoint_dir: Path) -> Manifest:
+def verify(checkpoint_dir: Path, *, on_file: Callable[[str, int], None] | None = None) -> Manifest:
     """Check that every file the manifest lists is present with its size and hash.
 
-    Raises ``CorruptCheckpoint`` naming the file and the expected vs. actual value.
+    Raises ``CorruptCheckpoint`` naming the file and the expected vs. actual value. ``on_file(name,
+    size)`` is called after each file checks out (progress bars).
     """
     manifest = read_manifest(checkpoint_dir)
     for name, expected in manifest.files.items():
         check_file(checkpoint_dir / name, expected)
+        if on_file is not None:
+            on_file(name, expected.size)
     return manifest
 
 

@@ -1,0 +1,314 @@
+"""The ``safepoint`` command: list, check and tidy checkpoint directories from a shell.
+
+Works on safepoint runs and on Hugging Face Trainer / ms-swift output directories. It is a thin
+layer over ``rundir`` (listing, verification), ``prune`` (prune, gc, pin) and ``hfdir``, so scripts,
+the library and any other front end get the same answers. Exit codes scripts can rely on:
+
+    0  ok
+    1  verification failed, corruption found, or a deletion failed
+    2  bad input: no such directory, not a run, conflicting options, an impossible budget, an
+       unknown step or metric, a run locked by a live writer, a prune not confirmed. One
+       ``error: ...`` line on stderr, and nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+from typer.core import TyperGroup
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .disk import format_size
+from .errors import CorruptCheckpoint, SafepointError, UnsupportedFormat
+from .prune import PlannedDeletion, PrunePlan, collect_garbage, parse_keep_best, policies_from_options, prune, set_pinned
+from .rundir import bytes_to_hash, details, listing, open_run, verify_run, verify_targets
+
+try:  # typer >= 0.22 vendors click; its usage errors derive from TyperException
+    from typer import TyperException as _UsageError
+except ImportError:  # older typer re-uses click
+    from click import ClickException as _UsageError  # type: ignore[assignment]
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors become one ``error: ...`` line with exit 2, like the command's own bad input."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _UsageError as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `safepoint`: the help, as click shows it
+                err.show()
+            else:
+                _echo_error(err.format_message())
+            sys.exit(2)
+        except typer.Abort:
+            _echo_error("aborted; nothing deleted")
+            sys.exit(2)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
+                  help="Inspect, verify and prune safepoint runs and Hugging Face output directories.")
+
+Dir = Annotated[Path, typer.Argument(help="a safepoint run directory or a Hugging Face output dir")]
+Step = Annotated[int, typer.Argument(help="the checkpoint's step")]
+AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _echo_error(message: str) -> None:
+    typer.echo("error: " + " ".join(message.split("\n")), err=True)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    _echo_error(message)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _handled() -> Iterator[None]:
+    """Library errors as exit codes: corruption 1, every other refusal (bad input) 2."""
+    try:
+        yield
+    except (CorruptCheckpoint, UnsupportedFormat) as err:
+        _fail(str(err), 1)
+    except (SafepointError, ValueError) as err:
+        _fail(str(err), 2)
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    # No markup or emoji: paths and error texts are printed as they are ("[" and ":x:" included).
+    return Console(file=stream, markup=False, emoji=False, highlight=False, width=None if stream.isatty() else 200)
+
+
+def _progress(console: Console, what: str) -> Progress:
+    return Progress(TextColumn(what), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console,
+                    transient=True, disable=not console.is_terminal)
+
+
+def _say(line: str) -> None:
+    """A line on stdout while a progress bar runs: print() goes through rich's stdout redirect
+    (which keeps the bar below the text); click's echo would write around it."""
+    print(line, flush=True)
+
+
+def _time(iso: str) -> str:
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _count(items: Any, word: str) -> str:
+    return f"{len(items)} {word}{'' if len(items) == 1 else 's'}"
+
+
+def _metric(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
+# ------------------------------------------------------------------------------ ls / show
+
+
+@app.command("ls")
+def ls_cmd(directory: Dir, as_json: AsJson = False,
+           best: Annotated[Optional[list[str]], typer.Option(
+               "--best", metavar="METRIC[:min|max]",
+               help="which metrics to mark best, and how (default: loss-like names min, accuracy-like max)")] = None) -> None:
+    """List checkpoints: step, time, size, metrics and state; totals for the run and the disk."""
+    with _handled():
+        data = listing(open_run(directory), [parse_keep_best(s) for s in best] if best else None)
+    if as_json:
+        typer.echo(json.dumps(data, indent=1))
+        return
+    table = Table(title=f"{data['directory']} ({'safepoint run' if data['kind'] == 'safepoint' else 'Hugging Face output'})")
+    table.add_column("step", justify="right")
+    table.add_column("committed")
+    table.add_column("size", justify="right")
+    for name in data["metrics"]:
+        table.add_column(name, justify="right")
+    table.add_column("state", overflow="fold")
+    blanks = [""] * len(data["metrics"])
+    for c in data["checkpoints"]:
+        table.add_row(str(c["step"]), _time(c["time"]), format_size(c["size"]),
+                      *[_metric(c["metrics"][m]) if m in c["metrics"] else "" for m in data["metrics"]],
+                      ", ".join(c["flags"]))
+    for c in (c for c in data["corrupt"] if not c["listed"]):
+        table.add_row(str(c["step"]), "", "", *blanks, f"corrupt: {c['reason']}")
+    for d in data["debris"]:
+        table.add_row("", "", format_size(d["size"]), *blanks, f"{d['what']}: {Path(d['path']).name}")
+    out = _console()
+    out.print(table)
+    budget = format_size(data["max_disk"]) if data["max_disk"] is not None else "unknown"
+    out.print(f"{_count(data['checkpoints'], 'checkpoint')}; run size {format_size(data['run_size'])}; filesystem free "
+              f"{format_size(data['fs_free'])} of {format_size(data['fs_total'])}; budget (max_disk) {budget}")
+
+
+@app.command("show")
+def show_cmd(directory: Dir, step: Step, as_json: AsJson = False) -> None:
+    """Show one checkpoint: its manifest (files, sizes, hashes, metrics, versions) and state."""
+    with _handled():
+        data = details(open_run(directory), step)
+    if as_json:
+        typer.echo(json.dumps(data, indent=1))
+    else:
+        _print_details(data)
+    if data["problem"]:
+        _fail(f"step {step} is corrupt: {data['problem']}", 1)
+
+
+def _print_details(data: dict[str, Any]) -> None:
+    out = _console()
+    out.print(f"step {data['step']}: {data['path']}")
+    out.print(f"state: {', '.join(data['flags']) or '-'}")
+    for key, value in (data["manifest"] or {}).items():
+        if key not in ("metrics", "entries") and value not in (None, {}, [], ""):
+            out.print(f"{key}: {value}")
+    if data["metrics"]:
+        out.print("metrics: " + ", ".join(f"{k}={_metric(v)}" for k, v in data["metrics"].items()))
+    if data["entries"]:
+        out.print("entries: " + ", ".join(f"{e['name']} ({e['file'] or 'state.json only'})" for e in data["entries"]))
+    if "completeness" in data:
+        c = data["completeness"]
+        out.print(("complete: " + ", ".join(c["present"])) if not c["problems"] else
+                  "INCOMPLETE: " + "; ".join(c["problems"]))
+    if data["files"]:
+        table = Table("file", "size", "hash")
+        for f in data["files"]:
+            table.add_row(f["name"], format_size(f["size"]), f["hash"] or "(no manifest)")
+        out.print(table)
+
+
+# ------------------------------------------------------------------------------ verify
+
+
+@app.command("verify")
+def verify_cmd(directory: Dir, step: Annotated[Optional[int], typer.Option(help="verify only this step")] = None) -> None:
+    """Re-hash every checkpoint (or one) against its manifest; exit 1 on any mismatch.
+
+    Hugging Face checkpoints without a safepoint manifest are checked for completeness instead
+    (see ``safepoint.hfdir.check_complete``).
+    """
+    with _handled():
+        view = open_run(directory)
+        targets = verify_targets(view, step)
+    err = _console(stderr=True)
+    with _progress(err, "verifying") as progress:
+        task = progress.add_task("verify", total=bytes_to_hash(targets))
+        results = verify_run(view, targets, on_bytes=lambda n: progress.advance(task, n),
+                             on_result=lambda r: _say(f"step {r.step}: {'' if r.ok else 'FAILED: '}{r.detail}"))
+    failed = [r for r in results if not r.ok]
+    if failed:
+        _fail(f"{len(failed)} of {_count(results, 'checkpoint')} failed verification: steps "
+              + ", ".join(str(r.step) for r in failed), 1)
+    typer.echo(f"{_count(results, 'checkpoint')} verified" if results else "no checkpoints to verify")
+
+
+# ------------------------------------------------------------------------------ gc / prune / pin
+
+
+@app.command("gc")
+def gc_cmd(directory: Dir) -> None:
+    """Remove debris: unfinished saves (step_*.tmp-*) and interrupted deletions (.trash/)."""
+    with _handled():
+        removed = collect_garbage(directory)
+    for path, size in removed:
+        typer.echo(f"removed {path} ({format_size(size)})")
+    typer.echo(f"removed {_count(removed, 'item')}, freed {format_size(sum(s for _, s in removed))}" if removed
+               else "nothing to remove")
+
+
+@app.command("prune")
+def prune_cmd(
+    directory: Dir,
+    keep_last: Annotated[Optional[int], typer.Option(help="keep the N newest")] = None,
+    keep_best: Annotated[Optional[list[str]], typer.Option(metavar="METRIC[:min|max]",
+                                                         help="keep the best by METRIC (default min); repeatable")] = None,
+    keep_every: Annotated[Optional[int], typer.Option(metavar="STEPS", help="keep steps that are multiples of STEPS")] = None,
+    keep_within: Annotated[Optional[str], typer.Option(metavar="DURATION",
+                                                       help="keep those within e.g. 2h/3d of the newest")] = None,
+    max_disk: Annotated[Optional[str], typer.Option(help="then delete oldest first until the run fits, e.g. 50GB")] = None,
+    dry_run: Annotated[bool, typer.Option(help="show what would be deleted, delete nothing")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+) -> None:
+    """Delete checkpoints no policy keeps, then oldest first down to --max-disk.
+
+    The newest, the best by each --keep-best metric, pinned and resumed-from checkpoints are
+    never deleted. Takes the run lock: refused while a live run holds it.
+    """
+    if dry_run and yes:
+        _fail("--dry-run and --yes conflict: a dry run deletes nothing, so there is nothing to confirm")
+    with _handled():
+        policies = policies_from_options(keep_last=keep_last, keep_best=keep_best or (), keep_every=keep_every,
+                                         keep_within=keep_within)
+        out = _console()
+        progress = _progress(_console(stderr=True), "deleting")
+
+        def review(plan: PrunePlan) -> bool:
+            _print_plan(out, plan, dry_run)
+            if dry_run or not plan.deletions:
+                return True
+            if not yes and not typer.confirm(f"delete {_count(plan.deletions, 'checkpoint')} "
+                                             f"({format_size(plan.freed)})?", default=False):
+                return False
+            progress.start()
+            progress.add_task("delete", total=plan.freed)
+            return True
+
+        def deleted(d: PlannedDeletion) -> None:
+            progress.advance(progress.task_ids[0], d.size)
+            _say(f"deleted step {d.step} ({format_size(d.size)})")
+
+        try:
+            result = prune(directory, policies, max_disk=max_disk, dry_run=dry_run, review=review, on_deleted=deleted)
+        finally:
+            progress.stop()
+    if not result.confirmed:
+        _fail("not confirmed; nothing deleted (pass --yes to skip the question)")
+    for d, why in result.failed:
+        _echo_error(f"could not delete step {d.step}: {why}")
+    if result.failed:
+        raise typer.Exit(1)
+    if not dry_run and result.deleted:
+        typer.echo(f"deleted {_count(result.deleted, 'checkpoint')}, freed {format_size(sum(d.size for d in result.deleted))}")
+
+
+def _print_plan(out: Console, plan: PrunePlan, dry_run: bool) -> None:
+    if not plan.deletions:
+        out.print(f"nothing to delete: every checkpoint of {plan.view.path} is kept")
+    else:
+        table = Table("step", "size", "reason", title="would delete" if dry_run else "to delete")
+        for d in plan.deletions:
+            table.add_row(str(d.step), format_size(d.size), d.reason)
+        out.print(table)
+    protection = plan.view.protection(plan.policies)
+    kept = ", ".join(f"{s} ({', '.join(protection[s])})" if s in protection else str(s) for s in plan.kept)
+    out.print(f"keeping: {kept or 'none'}")
+    after = plan.run_size - plan.freed
+    budget = f" (--max-disk {format_size(plan.max_disk)})" if plan.max_disk is not None else ""
+    out.print(f"run size {format_size(plan.run_size)} -> {format_size(after)}{budget}")
+
+
+@app.command("pin")
+def pin_cmd(directory: Dir, step: Step) -> None:
+    """Protect a checkpoint from every prune and the disk budget (works while a run is live)."""
+    with _handled():
+        set_pinned(directory, step, True)
+    typer.echo(f"pinned step {step}")
+
+
+@app.command("unpin")
+def unpin_cmd(directory: Dir, step: Step) -> None:
+    """Let retention delete a pinned checkpoint again."""
+    with _handled():
+        set_pinned(directory, step, False)
+    typer.echo(f"unpinned step {step}")

@@ -130,6 +130,9 @@ class CheckpointManager:
         self._lock.acquire()
         try:
             self._log = RunLog(self.directory)
+            if self._log.meta.get("max_disk") != self.max_disk:  # shown by `safepoint ls`
+                self._log.meta["max_disk"] = self.max_disk
+                self._log.write_meta()
             self._collect_debris()
             self._watcher = PreemptionWatcher(tuple(signals))
             self._watcher.install()

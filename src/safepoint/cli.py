@@ -312,3 +312,24 @@ def unpin_cmd(directory: Dir, step: Step) -> None:
     with _handled():
         set_pinned(directory, step, False)
     typer.echo(f"unpinned step {step}")
+
+
+# ------------------------------------------------------------------------------ export
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="a safepoint step_N or a Hugging Face checkpoint-N directory")],
+    out: Annotated[Path, typer.Argument(help="new directory for the inference checkpoint")],
+    dtype: Annotated[Optional[str], typer.Option(help="cast floating tensors: bf16, fp16 or fp32")] = None,
+    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="merge a LoRA adapter into its base model")] = False,
+    shard_size: Annotated[str, typer.Option(help="split the weights into shards of at most this size")] = "5GB",
+    config_from: Annotated[Optional[Path], typer.Option(help="copy config/tokenizer files from this directory")] = None,
+) -> None:
+    """Weights only, safetensors: what AutoModel.from_pretrained(OUT) needs, without optimizer state."""
+    from .export import export
+
+    with _handled():
+        files = export(checkpoint, out, dtype=dtype, merge_lora=merge_lora, shard_size=shard_size,
+                       config_from=config_from)
+    total = sum(f.stat().st_size for f in files)
+    _say(f"exported {_count(files, 'weight file')} ({format_size(total)}) to {out}")

@@ -149,3 +149,26 @@ def test_export_merges_a_lora_adapter(tmp_path):
     x = torch.randint(0, 30000, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(merged(x).logits, peft(x).logits, atol=1e-5)
     assert not any("lora_" in k for k in merged.state_dict())
+
+
+def test_latest_checkpoint_with_a_different_model_names_the_mismatch(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safepoint import IncompatibleState
+
+    def tiny(vocab: int) -> LlamaForCausalLM:
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                            tie_word_embeddings=True))
+
+    saved = tiny(128)
+    ckpt = tmp_path / "checkpoint-5"
+    ckpt.mkdir()
+    weights = {k: v for k, v in saved.state_dict().items() if k != "lm_head.weight"}  # tied: saved once
+    save_file({k: v.contiguous() for k, v in weights.items()}, ckpt / "model.safetensors")
+    commit_checkpoint_dir(ckpt, step=5, run_id="r", metrics={})
+    assert latest_checkpoint(tmp_path, model=tiny(128)) == str(ckpt)  # same model (tied head) fits
+    with pytest.raises(IncompatibleState) as err:
+        latest_checkpoint(tmp_path, model=tiny(256))  # a different tokenizer size
+    assert "model.embed_tokens.weight: checkpoint (128, 16), model (256, 16)" in str(err.value)

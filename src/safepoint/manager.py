@@ -35,6 +35,7 @@ from .catalog import CheckpointInfo, check_file, check_presence, leftover_tmp_di
 from .codec import Encoder, decode
 from .commit import (HASH_ALGORITHM, commit_dir, delete_checkpoint, dump_json, remove_tree, replace_dir,
                      write_bytes)
+from .compat import require_fit
 from .disk import MinFree, check_space, estimate_checkpoint_size, format_size, parse_size, used_fraction
 from .errors import (CheckpointNotFound, CorruptCheckpoint, IncompatibleState, InsufficientDiskSpace,
                      RunDirectoryError, SafepointError, SafepointWarning, UnsupportedFormat)
@@ -551,29 +552,12 @@ def _is_data_position(obj: Any) -> bool:
 def _check_fits(name: str, obj: Any, saved: Any, path: Path) -> None:
     """Refuse, before anything is loaded, a checkpoint whose tensors do not fit a module or optimizer."""
     if isinstance(obj, torch.nn.Module):
-        current = obj.state_dict()
-        missing = [k for k in current if k not in saved]
-        unexpected = [k for k in saved if k not in current]
-        wrong = [f"{k}: checkpoint {tuple(saved[k].shape)} {saved[k].dtype}, model {tuple(v.shape)} {v.dtype}"
-                 for k, v in current.items() if k in saved and isinstance(v, torch.Tensor)
-                 and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            lines = [f"checkpoint {path} does not fit state[{name!r}] ({type(obj).__name__}):"]
-            if missing:
-                lines.append(f"  keys the model has but the checkpoint lacks ({len(missing)}): {_few(missing)}")
-            if unexpected:
-                lines.append(f"  keys in the checkpoint the model lacks ({len(unexpected)}): {_few(unexpected)}")
-            if wrong:
-                lines.append(f"  shape mismatches ({len(wrong)}): {_few(wrong)}")
-            lines.append("  Is this the same architecture? Use a new directory for a different model.")
-            raise IncompatibleState("\n".join(lines))
+        current = {k: v.shape for k, v in obj.state_dict().items() if isinstance(v, torch.Tensor)}
+        stored = {k: v.shape for k, v in saved.items() if isinstance(v, torch.Tensor)}
+        require_fit(f"checkpoint {path} does not fit state[{name!r}] ({type(obj).__name__})", current, stored)
     elif isinstance(obj, torch.optim.Optimizer):
         have = [len(g["params"]) for g in obj.param_groups]
         got = [len(g.get("params", [])) for g in saved.get("param_groups", [])]
         if have != got:
             raise IncompatibleState(f"checkpoint {path} does not fit state[{name!r}]: its optimizer has "
                                     f"param groups of sizes {got}, this optimizer {have}")
-
-
-def _few(items: list[str], n: int = 8) -> str:
-    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")

@@ -13,6 +13,7 @@ Trainer starts writing), and SIGTERM/SIGINT/SIGUSR1 turned into save-then-stop.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .. import faults, layout
 from ..catalog import CheckpointInfo, read_run_meta, verify
+from ..compat import require_fit
 from ..commit import (HASH_ALGORITHM, delete_checkpoint, dump_json, fsync_dir, hash_file, write_bytes)
 from ..disk import MinFree, check_space, format_size, parse_size
 from ..errors import CorruptCheckpoint, InsufficientDiskSpace, SafepointWarning, UnsupportedFormat
@@ -37,7 +39,7 @@ from ..signals import DEFAULT_SIGNALS, PreemptionWatcher
 log = logging.getLogger("safepoint")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
-__all__ = ["SafepointCallback", "latest_checkpoint", "commit_checkpoint_dir"]
+__all__ = ["SafepointCallback", "check_fits", "commit_checkpoint_dir", "latest_checkpoint"]
 
 
 def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
@@ -50,11 +52,13 @@ def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def latest_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
+def latest_checkpoint(output_dir: str | os.PathLike[str], *, model: Any = None) -> str | None:
     """The newest ``checkpoint-N`` that safepoint committed and that verifies; None if there is none.
 
     Unfinished (no manifest) and corrupt checkpoints are skipped with a warning naming them. Pass
     the result straight to ``trainer.train(resume_from_checkpoint=...)``: None starts afresh.
+    With ``model``, the checkpoint's weights must fit it (names and shapes), or
+    ``IncompatibleState`` names every mismatch, instead of a stack trace from inside torch.
     """
     for _, path in _checkpoint_dirs(Path(output_dir)):
         try:
@@ -62,8 +66,34 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
         except (CorruptCheckpoint, UnsupportedFormat) as err:
             warnings.warn(f"safepoint: skipping {path}: {err}", SafepointWarning, stacklevel=2)
             continue
+        if model is not None:
+            check_fits(path, model)
         return str(path)
     return None
+
+
+def check_fits(checkpoint: Path, model: Any) -> None:
+    """Compare a full-model checkpoint's tensor names and shapes with ``model`` (adapters: skipped)."""
+    from safetensors import safe_open
+
+    files = [checkpoint / "model.safetensors"]
+    index = checkpoint / "model.safetensors.index.json"
+    if index.exists():
+        files = [checkpoint / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if not all(f.exists() for f in files):
+        return  # adapter-only or legacy .bin checkpoints: nothing to compare by header
+    stored: dict[str, list[int]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            stored.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+    current = model.state_dict()
+    # Tied weights are saved once: a key counts as present when any tensor sharing its storage is.
+    by_storage: dict[int, list[str]] = {}
+    for k, v in current.items():
+        by_storage.setdefault(v.data_ptr(), []).append(k)
+    shapes = {k: list(v.shape) for k, v in current.items()
+              if k in stored or not any(t in stored for t in by_storage[v.data_ptr()])}
+    require_fit(f"checkpoint {checkpoint} does not fit {type(model).__name__}", shapes, stored)
 
 
 def committed_checkpoints(output_dir: Path) -> list[CheckpointInfo]:

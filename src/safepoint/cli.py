@@ -333,3 +333,44 @@ def export_cmd(
                        config_from=config_from)
     total = sum(f.stat().st_size for f in files)
     _say(f"exported {_count(files, 'weight file')} ({format_size(total)}) to {out}")
+
+
+# ------------------------------------------------------------------------------ diff / fork
+
+@app.command("diff")
+def diff_cmd(
+    a: Annotated[Path, typer.Argument(help="a checkpoint directory (step_N or checkpoint-N)")],
+    b: Annotated[Path, typer.Argument(help="the checkpoint to compare it with")],
+    entry: Annotated[str, typer.Option(help="which state entry of a safepoint checkpoint")] = "model",
+    show_all: Annotated[bool, typer.Option("--all", help="also list unchanged tensors")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Which tensors changed between two checkpoints, and by how much."""
+    from .diff import diff_checkpoints
+
+    with _handled():
+        changes = diff_checkpoints(a, b, entry=entry)
+    if as_json:
+        print(json.dumps([c.to_json() for c in changes], indent=1))
+        return
+    shown = [c for c in changes if show_all or c.status != "same"]
+    table = Table(title=f"{a} -> {b}")
+    for column in ("tensor", "change", "max |b-a|", "||b-a|| / ||a||"):
+        table.add_column(column)
+    for c in shown:
+        table.add_row(c.name, c.detail or c.status, _metric(c.max_abs) if c.max_abs is not None else "",
+                      _metric(c.rel_norm) if c.rel_norm is not None else "")
+    _console().print(table)
+    counts = {s: sum(c.status == s for c in changes) for s in ("changed", "same", "added", "removed", "shape", "dtype")}
+    _say(", ".join(f"{n} {s}" for s, n in counts.items() if n))
+
+
+@app.command("fork")
+def fork_cmd(directory: Dir, step: Step,
+             new_dir: Annotated[Path, typer.Argument(help="the new run directory (must not exist or be empty)")]) -> None:
+    """Start a new run from a committed checkpoint (hard links where possible; lineage recorded)."""
+    from .fork import fork
+
+    with _handled():
+        target = fork(directory, step, new_dir)
+    _say(f"forked step {step} of {directory} into {target}")

@@ -39,6 +39,7 @@ from .compat import require_fit
 from .disk import MinFree, check_space, estimate_checkpoint_size, format_size, parse_size, used_fraction
 from .errors import (CheckpointNotFound, CorruptCheckpoint, IncompatibleState, InsufficientDiskSpace,
                      RunDirectoryError, SafepointError, SafepointWarning, UnsupportedFormat)
+from .frozen import FROZEN_ENTRY, FrozenWeights
 from .lock import RunLock
 from .manifest import Manifest, library_versions, utc_now
 from .retention import RetentionPolicy, budget_candidates, plan_deletions
@@ -90,6 +91,8 @@ class CheckpointManager:
         on_save_error: what a failed save in ``step()`` does: "raise" (default) or "warn" and go on
             training. An explicit ``save()`` always raises.
         disk_warn_at: warn after a save when the filesystem is fuller than this fraction.
+        trainable_only: for module entries, save only parameters that require grad (plus buffers)
+            and a hash of the frozen ones; a restore refuses a model with different frozen weights.
         async_save: ``step()`` saves with ``save_async``: it returns once the state is staged.
         signals: signal names that mean "save at the next step, then stop"; ``()`` to not catch any.
     """
@@ -98,7 +101,7 @@ class CheckpointManager:
                  every_seconds: float | None = None, keep: RetentionPolicy | Iterable[RetentionPolicy] | None = None,
                  max_disk: int | str | None = None, min_free: int | str | None = None,
                  on_save_error: Literal["raise", "warn"] = "raise", disk_warn_at: float = 0.9,
-                 async_save: bool = False,
+                 async_save: bool = False, trainable_only: bool = False,
                  signals: Iterable[str] = DEFAULT_SIGNALS) -> None:
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
             raise ValueError(f"every_steps must be a positive int or None, got {every_steps!r}")
@@ -112,6 +115,8 @@ class CheckpointManager:
         self.on_save_error = on_save_error
         self.disk_warn_at = disk_warn_at
         self.async_save = async_save
+        self.trainable_only = trainable_only
+        self._frozen = FrozenWeights()
         self.every_steps = every_steps
         self.every_seconds = every_seconds
         self.keep: list[RetentionPolicy] = [] if keep is None else [keep] if hasattr(keep, "keep") else list(keep)
@@ -221,14 +226,19 @@ class CheckpointManager:
         return saved
 
     def _apply(self, state: Mapping[str, Any], saved: dict[str, Any], manifest: Manifest, path: Path) -> RestoreReport:
+        frozen = {name: self._frozen.check(name, state[name], record, str(path))
+                  for name, record in saved.pop(FROZEN_ENTRY, {}).items() if name in state}
         for name, obj in state.items():
             if name in saved:
-                _check_fits(name, obj, saved[name], path)
+                _check_fits(name, obj, saved[name], path, frozen=frozen.get(name, ()))
         for name, obj in state.items():
             if name not in saved:
                 continue
             try:
-                stateful.apply({name: obj}, saved)
+                if name in frozen:  # trainable-only: the frozen part is already in place, and verified
+                    obj.load_state_dict(saved[name], strict=False)
+                else:
+                    stateful.apply({name: obj}, saved)
             except Exception as err:
                 raise IncompatibleState(f"state[{name!r}].load_state_dict() rejected the checkpoint {path}: "
                                         f"{err}. Entries loaded before it were already changed; restore "
@@ -344,7 +354,10 @@ class CheckpointManager:
         stateful.check_state(state)
         self._check_not_foreign()
         encoded, tensor_sets = {}, {}
-        for name, sd in stateful.collect(state).items():
+        collected = stateful.collect(state)
+        if self.trainable_only:
+            collected = self._frozen.strip(state, collected)
+        for name, sd in collected.items():
             encoder = Encoder(name)
             encoded[name] = encoder.encode(sd)
             tensor_sets[name] = encoder.tensors
@@ -549,10 +562,11 @@ def _is_data_position(obj: Any) -> bool:
     return isinstance(obj, (ResumableLoader, ResumableSampler)) or type(obj).__name__ == "StatefulDataLoader"
 
 
-def _check_fits(name: str, obj: Any, saved: Any, path: Path) -> None:
+def _check_fits(name: str, obj: Any, saved: Any, path: Path, *, frozen: Iterable[str] = ()) -> None:
     """Refuse, before anything is loaded, a checkpoint whose tensors do not fit a module or optimizer."""
     if isinstance(obj, torch.nn.Module):
-        current = {k: v.shape for k, v in obj.state_dict().items() if isinstance(v, torch.Tensor)}
+        skip = set(frozen)
+        current = {k: v.shape for k, v in obj.state_dict().items() if isinstance(v, torch.Tensor) and k not in skip}
         stored = {k: v.shape for k, v in saved.items() if isinstance(v, torch.Tensor)}
         require_fit(f"checkpoint {path} does not fit state[{name!r}] ({type(obj).__name__})", current, stored)
     elif isinstance(obj, torch.optim.Optimizer):

@@ -99,3 +99,29 @@ def test_fork_refuses_missing_steps_and_non_empty_targets(tmp_path):
     with pytest.raises(RunDirectoryError):
         fork(tmp_path / "run", 1, tmp_path / "busy")
     assert cli("fork", str(tmp_path / "run"), "1", str(tmp_path / "busy")).returncode == 2
+
+
+def test_on_commit_metrics_feed_keep_best_and_failures_do_not_fail_saves(tmp_path):
+    from safepoint import KeepBest, SafepointWarning
+
+    scores = {1: 0.9, 2: 0.2, 3: 0.5, 4: 0.7}
+    seen = []
+
+    def evaluate(info):
+        seen.append(info.step)
+        verify(info.path)  # the hook sees a committed checkpoint
+        if info.step == 5:
+            raise RuntimeError("evaluator crashed")
+        return {"eval_loss": scores[info.step]}
+
+    state = {"w": {"t": torch.zeros(3)}}
+    with CheckpointManager(tmp_path, keep=[KeepBest(1, "eval_loss"), KeepLast(1)], on_commit=evaluate) as ckpt:
+        ckpt.restore(state)
+        for step in range(1, 5):
+            ckpt.save(step, state)
+        assert [c.step for c in ckpt.list()] == [2, 4]  # the best by the hook's metric survives
+        assert ckpt.list()[0].metrics["eval_loss"] == 0.2
+        with pytest.warns(SafepointWarning, match="evaluator crashed"):
+            ckpt.save(5, state)
+        assert ckpt.latest().step == 5
+    assert seen == [1, 2, 3, 4, 5]

@@ -78,8 +78,15 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     meta = read_run_meta(run_dir)
     pins = set(meta.get("pins", []))
     mirrored = set(meta.get("mirrored", []))
-    return [CheckpointInfo.from_manifest(path, m, pinned=m.step in pins, mirrored=m.step in mirrored)
-            for path, m in scan(run_dir) if isinstance(m, Manifest)]
+    later = meta.get("metrics", {})  # metrics recorded after the commit (on_commit evaluations)
+    out = []
+    for path, m in scan(run_dir):
+        if isinstance(m, Manifest):
+            info = CheckpointInfo.from_manifest(path, m, pinned=m.step in pins, mirrored=m.step in mirrored)
+            if str(m.step) in later:
+                info.metrics.update(later[str(m.step)])
+            out.append(info)
+    return out
 
 
 def leftover_tmp_dirs(run_dir: Path) -> list[Path]:

@@ -22,7 +22,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -93,6 +93,9 @@ class CheckpointManager:
         disk_warn_at: warn after a save when the filesystem is fuller than this fraction.
         trainable_only: for module entries, save only parameters that require grad (plus buffers)
             and a hash of the frozen ones; a restore refuses a model with different frozen weights.
+        on_commit: called with the ``CheckpointInfo`` of each new checkpoint once it is committed
+            (on the background writer for async saves), before retention; the metrics it returns
+            are stored with the checkpoint (``KeepBest`` can use them).
         async_save: ``step()`` saves with ``save_async``: it returns once the state is staged.
         signals: signal names that mean "save at the next step, then stop"; ``()`` to not catch any.
     """
@@ -102,6 +105,7 @@ class CheckpointManager:
                  max_disk: int | str | None = None, min_free: int | str | None = None,
                  on_save_error: Literal["raise", "warn"] = "raise", disk_warn_at: float = 0.9,
                  async_save: bool = False, trainable_only: bool = False,
+                 on_commit: Callable[[CheckpointInfo], Mapping[str, float] | None] | None = None,
                  signals: Iterable[str] = DEFAULT_SIGNALS) -> None:
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
             raise ValueError(f"every_steps must be a positive int or None, got {every_steps!r}")
@@ -116,6 +120,7 @@ class CheckpointManager:
         self.disk_warn_at = disk_warn_at
         self.async_save = async_save
         self.trainable_only = trainable_only
+        self.on_commit = on_commit
         self._frozen = FrozenWeights()
         self.every_steps = every_steps
         self.every_seconds = every_seconds
@@ -369,6 +374,7 @@ class CheckpointManager:
                 metrics: dict[str, float], started: float) -> CheckpointInfo:
         """Write, commit, apply retention. Runs on the caller's thread or the background writer."""
         info = self._write(step, encoded, tensor_sets, metrics)
+        self._run_on_commit(info)
         self._last_saved = step
         self._last_save_time = time.monotonic()
         self._log.flush()
@@ -376,6 +382,22 @@ class CheckpointManager:
         self._apply_retention()
         self._warn_if_disk_full()
         return info
+
+    def _run_on_commit(self, info: CheckpointInfo) -> None:
+        """The user's post-commit hook (an evaluation, a quality gate); its metrics feed KeepBest."""
+        if self.on_commit is None:
+            return
+        try:
+            result = self.on_commit(info)
+            values = _clean_metrics(result) if result else {}
+        except Exception as err:  # a failing evaluation must not fail a committed save
+            warnings.warn(f"safepoint: on_commit for step {info.step} failed: {err!r}", SafepointWarning, stacklevel=2)
+            self._log.event("on_commit_failed", step=info.step, error=repr(err))
+            return
+        if values:
+            self._log.add_metrics(info.step, values)
+            info.metrics.update(values)
+        self._log.event("on_commit", step=info.step, metrics=values)
 
     def _surface_pending_error(self, *, blocking: bool) -> CheckpointInfo | None:
         """Raise the error of the previous background save, once; optionally wait for it first."""

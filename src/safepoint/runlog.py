@@ -17,6 +17,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from . import layout
@@ -36,6 +37,7 @@ class RunLog:
             self.write_meta()
         self.attempt = secrets.token_hex(4)
         self._lock = threading.Lock()
+        self._meta_lock = threading.Lock()
         self._events: TextIO = open(run_dir / layout.EVENTS_FILE, "a", encoding="utf-8")
         self._metrics: TextIO = open(run_dir / layout.METRICS_FILE, "a", encoding="utf-8")
 
@@ -47,12 +49,23 @@ class RunLog:
         write_json_atomic(self.run_dir / layout.RUN_FILE, self.meta)
 
     def set_pinned(self, step: int, pinned: bool) -> None:
-        # Re-read first: the CLI may pin while a run is live.
-        self.meta = read_run_meta(self.run_dir) or self.meta
-        pins = set(self.meta.get("pins", []))
-        pins.add(step) if pinned else pins.discard(step)
-        self.meta["pins"] = sorted(pins)
-        self.write_meta()
+        def change(meta: dict[str, Any]) -> None:
+            pins = set(meta.get("pins", []))
+            pins.add(step) if pinned else pins.discard(step)
+            meta["pins"] = sorted(pins)
+
+        self.update_meta(change)
+
+    def add_metrics(self, step: int, values: dict[str, float]) -> None:
+        """Metrics learnt after a commit (an evaluation hook), merged into the checkpoint's own."""
+        self.update_meta(lambda meta: meta.setdefault("metrics", {}).setdefault(str(step), {}).update(values))
+
+    def update_meta(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Read-modify-write of run.json: re-read first (the CLI may pin while a run is live)."""
+        with self._meta_lock:
+            self.meta = read_run_meta(self.run_dir) or self.meta
+            change(self.meta)
+            self.write_meta()
 
     def event(self, kind: str, **fields: Any) -> None:
         record = {"time": utc_now(), "event": kind, "attempt": self.attempt, "pid": os.getpid(), **fields}

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             x, y = next(batches)
             # Random noise from every RNG stream, so a resume that forgot one would diverge.
             noise = 1e-3 * (random.random() + float(np.random.rand()))
-            loss = nn.functional.binary_cross_entropy_with_logits(model(x), y) + noise
+            # (On the logits: added to the loss, a constant would not change a single gradient.)
+            loss = nn.functional.binary_cross_entropy_with_logits(model(x) + noise, y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

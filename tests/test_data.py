@@ -236,3 +236,14 @@ def test_loader_refuses_order_kwargs(key: str) -> None:
         ResumableLoader(Counting(4), batch_size=2, **{key: None})
     with pytest.raises(TypeError, match="in_order"):
         ResumableLoader(Counting(4), batch_size=2, in_order=False)
+
+
+def test_a_live_iterator_follows_a_position_loaded_mid_run():
+    loader = ResumableLoader(list(range(40)), batch_size=4, shuffle=True, seed=3)
+    batches = loader.iter_forever()
+    first = [next(batches).tolist() for _ in range(3)]
+    saved = loader.state_dict()  # after batch 3
+    later = [next(batches).tolist() for _ in range(4)]
+    loader.load_state_dict(saved)  # e.g. a rollback restores the loader while training runs
+    assert [next(batches).tolist() for _ in range(4)] == later
+    assert first[0] != later[0]

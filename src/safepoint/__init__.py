@@ -11,12 +11,14 @@ from .data import ResumableLoader, ResumableSampler
 from .errors import (CheckpointNotFound, CorruptCheckpoint, DirectoryLocked, IncompatibleState,
                      InsufficientDiskSpace, RunDirectoryError, SafepointError, SafepointWarning,
                      UnsupportedFormat)
+from .guard import DivergenceError, DivergenceGuard
 from .manager import CheckpointManager, RestoreReport
 from .retention import KeepBest, KeepEvery, KeepLast, KeepWithin
 from .stateful import Stateful
 
 __all__ = [
     "CheckpointInfo", "CheckpointManager", "CheckpointNotFound", "CorruptCheckpoint", "DirectoryLocked",
+    "DivergenceError", "DivergenceGuard",
     "IncompatibleState", "InsufficientDiskSpace", "KeepBest", "KeepEvery", "KeepLast", "KeepWithin", "RestoreReport", "ResumableLoader",
     "ResumableSampler", "RunDirectoryError", "SaveHandle", "SafepointError", "SafepointWarning", "Stateful",
     "UnsupportedFormat", "list_checkpoints", "verify",

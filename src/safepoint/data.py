@@ -149,6 +149,7 @@ class ResumableLoader:
         self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
         self.epoch = 0
         self.samples_consumed = 0
+        self._generation = 0  # bumped by load_state_dict, so live iterators follow a restore
         self._generator = torch.Generator()  # reseeded per epoch; the global RNG stays untouched
         self.dataloader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler,
                                      drop_last=self.drop_last, generator=self._generator,
@@ -172,14 +173,21 @@ class ResumableLoader:
         # the sampler's own index runs ahead with prefetching and is never the source of truth.
         self.sampler.epoch, self.sampler.index = self.epoch, self.samples_consumed
         self._generator.manual_seed(_derive_seed(self.seed, self.epoch, 1))
+        generation = self._generation
         for batch in self.dataloader:
             self.samples_consumed = min(self.samples_consumed + self.batch_size, self.length)
             yield batch  # counted above: a state taken now resumes after this batch
+            if self._generation != generation:
+                return  # a position was loaded meanwhile (a rollback): stop; iter_forever resumes there
         self.epoch += 1
         self.samples_consumed = 0
 
     def iter_forever(self) -> Iterator[Any]:
-        """Endless batches across epoch boundaries, for step-based training loops."""
+        """Endless batches across epoch boundaries, for step-based training loops.
+
+        If the position is loaded while this iterator is live (a rollback restores the loader
+        mid-run), the next batch comes from the loaded position.
+        """
         if len(self) == 0:
             raise ValueError(f"an epoch of {self.length} samples with batch_size="
                              f"{self.batch_size}, drop_last={self.drop_last} has no batches")
@@ -207,3 +215,4 @@ class ResumableLoader:
                 f"ResumableLoader state out of range: epoch={epoch}, samples_consumed={consumed} "
                 f"(need epoch >= 0 and 0 <= samples_consumed <= length={self.length})")
         self.epoch, self.samples_consumed = epoch, consumed
+        self._generation += 1

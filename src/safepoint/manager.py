@@ -40,6 +40,7 @@ from .disk import MinFree, check_space, estimate_checkpoint_size, format_size, p
 from .errors import (CheckpointNotFound, CorruptCheckpoint, IncompatibleState, InsufficientDiskSpace,
                      RunDirectoryError, SafepointError, SafepointWarning, UnsupportedFormat)
 from .frozen import FROZEN_ENTRY, FrozenWeights
+from .guard import DivergenceError, DivergenceGuard
 from .lock import RunLock
 from .manifest import Manifest, library_versions, utc_now
 from .retention import RetentionPolicy, budget_candidates, plan_deletions
@@ -96,6 +97,8 @@ class CheckpointManager:
         on_commit: called with the ``CheckpointInfo`` of each new checkpoint once it is committed
             (on the background writer for async saves), before retention; the metrics it returns
             are stored with the checkpoint (``KeepBest`` can use them).
+        guard: a ``DivergenceGuard``: on NaN or a loss spike, ``step()`` rolls back to the last good
+            checkpoint and sets ``rolled_back_to`` (continue the loop from that step).
         async_save: ``step()`` saves with ``save_async``: it returns once the state is staged.
         signals: signal names that mean "save at the next step, then stop"; ``()`` to not catch any.
     """
@@ -104,7 +107,7 @@ class CheckpointManager:
                  every_seconds: float | None = None, keep: RetentionPolicy | Iterable[RetentionPolicy] | None = None,
                  max_disk: int | str | None = None, min_free: int | str | None = None,
                  on_save_error: Literal["raise", "warn"] = "raise", disk_warn_at: float = 0.9,
-                 async_save: bool = False, trainable_only: bool = False,
+                 async_save: bool = False, trainable_only: bool = False, guard: DivergenceGuard | None = None,
                  on_commit: Callable[[CheckpointInfo], Mapping[str, float] | None] | None = None,
                  signals: Iterable[str] = DEFAULT_SIGNALS) -> None:
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
@@ -121,6 +124,8 @@ class CheckpointManager:
         self.async_save = async_save
         self.trainable_only = trainable_only
         self.on_commit = on_commit
+        self.guard = guard
+        self.rolled_back_to: int | None = None
         self._frozen = FrozenWeights()
         self.every_steps = every_steps
         self.every_seconds = every_seconds
@@ -284,9 +289,15 @@ class CheckpointManager:
         the save is committed (synchronously, after the one in flight) and ``should_stop`` is set.
         """
         self._check_open()
+        self.rolled_back_to = None
         clean = _clean_metrics(metrics)
         if clean:
             self._log.metrics(step, clean)
+        if self.guard is not None and self.guard.metric in clean:
+            reason = self.guard.check(clean[self.guard.metric])
+            if reason is not None:
+                self._roll_back(step, state, reason)
+                return False
         signal_name = self._watcher.received
         due = (signal_name is not None
                or (self.every_steps is not None and step % self.every_steps == 0)
@@ -382,6 +393,35 @@ class CheckpointManager:
         self._apply_retention()
         self._warn_if_disk_full()
         return info
+
+    def _roll_back(self, step: int, state: Mapping[str, Any], reason: str) -> None:
+        """Restore the newest finite checkpoint before ``step``; skip the data seen since it."""
+        assert self.guard is not None
+        self._surface_pending_error(blocking=True)
+        if self.guard.rollbacks >= self.guard.max_rollbacks:
+            self._log.event("diverged", step=step, reason=reason, rollbacks=self.guard.rollbacks)
+            raise DivergenceError(f"training diverged at step {step} ({reason}) after {self.guard.rollbacks} "
+                                  "rollback(s); inspect the data and the learning rate, or raise max_rollbacks")
+        # Where the data stands now, just past the offending batches: kept after the restore.
+        data_now = {n: obj.state_dict() for n, obj in state.items() if _is_data_position(obj)}
+        for candidate in reversed([c for c in self.list() if c.step < step]):
+            restored = self.restore(state, step=candidate.step)
+            if _all_finite(state):
+                break
+            self._log.event("rollback_skip", step=candidate.step, reason="non-finite weights")
+        else:
+            raise DivergenceError(f"training diverged at step {step} ({reason}) and no earlier checkpoint "
+                                  f"in {self.directory} has finite weights to roll back to")
+        for name, position in data_now.items():
+            state[name].load_state_dict(position)
+        if self.guard.lr_factor != 1.0:
+            _scale_lr(state, self.guard.lr_factor)
+        self.guard.rollbacks += 1
+        self.rolled_back_to = restored
+        self._log.event("rollback", from_step=step, to_step=restored, reason=reason,
+                        skipped_batches=step - restored, data_position=data_now, lr_factor=self.guard.lr_factor)
+        warnings.warn(f"safepoint: {reason} at step {step}; rolled back to step {restored} and skipped the "
+                      f"{step - restored} batch(es) seen since", SafepointWarning, stacklevel=3)
 
     def _run_on_commit(self, info: CheckpointInfo) -> None:
         """The user's post-commit hook (an evaluation, a quality gate); its metrics feed KeepBest."""
@@ -576,6 +616,22 @@ def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
             raise TypeError(f"metric {key!r} must be a number or a one-element tensor, got {type(value).__name__}") from None
         out[str(key)] = number if math.isfinite(number) else repr(number)
     return out
+
+
+def _all_finite(state: Mapping[str, Any]) -> bool:
+    return all(torch.isfinite(p).all() for obj in state.values() if isinstance(obj, torch.nn.Module)
+               for p in obj.parameters() if p.is_floating_point())
+
+
+def _scale_lr(state: Mapping[str, Any], factor: float) -> None:
+    for obj in state.values():
+        if isinstance(obj, torch.optim.Optimizer):
+            for group in obj.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
+        elif hasattr(obj, "base_lrs"):  # LR schedulers recompute lr from base_lrs every step
+            obj.base_lrs = [lr * factor for lr in obj.base_lrs]
 
 
 def _is_data_position(obj: Any) -> bool:

@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: demo test venv bench
+.PHONY: demo test venv bench chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,16 @@ venv: $(BIN)/python
 demo: venv
 	$(BIN)/python examples/demo.py
 
-test: venv
+# The dashboard's browser tests drive Debian's chromium (never `playwright install`). Installed
+# here when missing and we are root with apt-get; otherwise those tests skip and say why.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "note: apt-get could not install chromium; the browser tests will skip"; \
+	else echo "note: /usr/bin/chromium is missing (not root with apt-get); the browser tests will skip"; fi
+
+test: venv chromium
 	$(BIN)/python -m pytest -n 2 --durations=15
 
 bench: venv

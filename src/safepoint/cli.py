@@ -374,3 +374,50 @@ def fork_cmd(directory: Dir, step: Step,
     with _handled():
         target = fork(directory, step, new_dir)
     _say(f"forked step {step} of {directory} into {target}")
+
+
+# ------------------------------------------------------------------------------ run / serve
+
+
+@app.command("run", context_settings={"allow_interspersed_args": False})
+def run_cmd(
+    command: Annotated[Optional[list[str]], typer.Argument(help="the training command, after --", metavar="-- CMD...")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(
+        "--dir", help="the run directory the command checkpoints into: crash-loop detection and events.jsonl")] = None,
+    max_restarts: Annotated[int, typer.Option(help="restarts allowed in all; 0 never restarts, -1 no limit")] = 10,
+    backoff: Annotated[str, typer.Option(metavar="BASE..MAX",
+                                         help="delay before restart n: BASE*2^(n-1) up to MAX, minus up to 20% jitter")] = "1s..60s",
+    grace: Annotated[str, typer.Option(help="after a forwarded SIGTERM/SIGINT/SIGUSR1, wait this long, then SIGKILL")] = "30s",
+    crash_loop: Annotated[int, typer.Option(help="stop after N consecutive crashes without a new checkpoint")] = 3,
+) -> None:
+    """Run a training command; restart it when it crashes; forward SIGTERM; stop crash loops.
+
+    Exit status: the child's (0 once it exits 0; 128+N when a signal N killed it), also after a
+    forwarded signal (never restarted then). Giving up (crash loop, --max-restarts) is non-zero.
+    """
+    from .supervisor import Backoff, Supervisor, parse_seconds
+
+    try:
+        supervisor = Supervisor(command or [], run_dir=run_dir, max_restarts=None if max_restarts < 0 else max_restarts,
+                                backoff=Backoff.parse(backoff), grace=parse_seconds(grace, what="--grace"),
+                                crash_loop=crash_loop)
+    except ValueError as err:
+        _fail(str(err))
+    raise typer.Exit(supervisor.run())
+
+
+@app.command("serve")
+def serve_cmd(
+    directory: Annotated[Path, typer.Argument(help="a run, or a directory holding runs")],
+    host: Annotated[str, typer.Option(help="address to bind; anything but loopback needs --token")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8080,
+    token: Annotated[Optional[str], typer.Option(envvar="SAFEPOINT_TOKEN",
+                                                 help="required by every action (pin, delete, ...); env SAFEPOINT_TOKEN")] = None,
+) -> None:
+    """Dashboard: checkpoints, curves stitched across restarts, disk, restarts, actions, /metrics."""
+    try:
+        from .dashboard.server import serve
+    except ImportError as err:
+        _fail(f"the dashboard needs the dashboard extra ({err.name} is missing): pip install 'safepoint[dashboard]'")
+    with _handled():
+        serve(directory, host=host, port=port, token=token)

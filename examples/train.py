@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the final weights here (safetensors)")
     p.add_argument("--async-save", action="store_true", help="save in the background")
     p.add_argument("--crash-at", type=int, help="simulate a crash: os._exit(1) right after this step")
+    p.add_argument("--mirror", help="also keep every checkpoint in object storage (s3://bucket/prefix, file://...)")
     args = p.parse_args(argv)
 
     random.seed(args.seed)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     state = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "data": loader}
 
     with CheckpointManager(args.dir, every_steps=args.every, keep=[KeepLast(args.keep)],
-                           async_save=args.async_save) as ckpt:
+                           async_save=args.async_save, mirror=args.mirror) as ckpt:
         start = ckpt.restore(state)
         print(f"start step {start}", flush=True)
         batches = loader.iter_forever()

@@ -40,5 +40,15 @@ class RunDirectoryError(SafepointError, OSError):
     """The run directory cannot be used (it is a file, not writable, or holds another run)."""
 
 
+class MirrorError(SafepointError, OSError):
+    """The object-storage mirror cannot be used: unreachable, credentials refused, no such bucket,
+    a missing fsspec backend, or an upload/download that failed for good."""
+
+
+class TransientStorageError(MirrorError, ConnectionError):
+    """A storage operation kept failing with transient errors (connection refused or reset,
+    timeouts, 5xx, throttling) until its retries ran out. Trying again later may succeed."""
+
+
 class SafepointWarning(UserWarning):
     """Something was skipped or could not be restored; training goes on."""

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from . import faults, layout, stateful
+from . import distributed
 from .async_save import BackgroundWriter, SaveHandle, StagingBuffers
 from .catalog import CheckpointInfo, check_file, check_presence, leftover_tmp_dirs, list_checkpoints, scan
 from .codec import Encoder, decode
@@ -43,6 +44,7 @@ from .frozen import FROZEN_ENTRY, FrozenWeights
 from .guard import DivergenceError, DivergenceGuard
 from .lock import RunLock
 from .manifest import Manifest, library_versions, utc_now
+from .mirror import MirrorConfig, open_mirror
 from .retention import RetentionPolicy, budget_candidates, plan_deletions
 from .runlog import RunLog
 from .signals import DEFAULT_SIGNALS, PreemptionWatcher
@@ -101,6 +103,12 @@ class CheckpointManager:
             checkpoint and sets ``rolled_back_to`` (continue the loop from that step).
         async_save: ``step()`` saves with ``save_async``: it returns once the state is staged.
         signals: signal names that mean "save at the next step, then stop"; ``()`` to not catch any.
+        mirror: object-storage URL (``s3://bucket/prefix``, any fsspec URL) or a ``MirrorConfig``: each
+            committed checkpoint is uploaded in the background, and ``restore`` falls back to it.
+        mirror_options: fsspec storage options (credentials, ``endpoint_url``, ...).
+        mirror_keep: remote retention policies; None keeps every remote checkpoint.
+        mirror_keep_local: once mirrored, keep only this many newest checkpoints locally.
+        mirror_timeout: seconds ``close()`` waits for uploads; None waits until they are done.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, every_steps: int | None = None,
@@ -109,7 +117,10 @@ class CheckpointManager:
                  on_save_error: Literal["raise", "warn"] = "raise", disk_warn_at: float = 0.9,
                  async_save: bool = False, trainable_only: bool = False, guard: DivergenceGuard | None = None,
                  on_commit: Callable[[CheckpointInfo], Mapping[str, float] | None] | None = None,
-                 signals: Iterable[str] = DEFAULT_SIGNALS) -> None:
+                 signals: Iterable[str] = DEFAULT_SIGNALS, mirror: str | MirrorConfig | None = None,
+                 mirror_options: Mapping[str, Any] | None = None,
+                 mirror_keep: RetentionPolicy | Iterable[RetentionPolicy] | None = None,
+                 mirror_keep_local: int | None = None, mirror_timeout: float | None = 600.0) -> None:
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
             raise ValueError(f"every_steps must be a positive int or None, got {every_steps!r}")
         if every_seconds is not None and not every_seconds > 0:
@@ -140,21 +151,35 @@ class CheckpointManager:
         self._writer = BackgroundWriter()
         self._last_save_time = time.monotonic()
         self._closed = False
+        self._mirror = None
 
         _prepare_directory(self.directory)
+        # A multi-rank torch.distributed job: rank 0 alone locks, logs, collects debris and commits.
+        self._dist = distributed.DistContext.current(mirror=mirror, guard=guard, trainable_only=trainable_only)
         self._lock = RunLock(self.directory)
-        self._lock.acquire()
+        if self._dist is not None and not self._dist.leader:
+            self._log = self._dist.follow(self.directory)  # waits for rank 0 to open the run
+            self._watcher = PreemptionWatcher(tuple(signals))
+            self._watcher.install()
+            return
         try:
+            self._lock.acquire()
             self._log = RunLog(self.directory)
             if self._log.meta.get("max_disk") != self.max_disk:  # shown by `safepoint ls`
                 self._log.meta["max_disk"] = self.max_disk
                 self._log.write_meta()
+            self._mirror = open_mirror(self.directory, self._log, mirror, options=mirror_options, keep=mirror_keep,
+                                       keep_local=mirror_keep_local, close_timeout=mirror_timeout)
             self._collect_debris()
             self._watcher = PreemptionWatcher(tuple(signals))
             self._watcher.install()
-        except BaseException:
+        except BaseException as err:
             self._lock.release()
+            if self._dist is not None:
+                self._dist.announce_start(err)  # the other ranks raise it too, instead of waiting
             raise
+        if self._dist is not None:
+            self._dist.announce_start(None)
         self._log.event("start")
 
     # ---------------------------------------------------------------- reading
@@ -184,28 +209,42 @@ class CheckpointManager:
         self._check_open()
         stateful.check_state(state)
         skipped: list[str] = []
+        failed: CorruptCheckpoint | UnsupportedFormat | None = None
         candidates = list(reversed(scan(self.directory)))
         if step is not None:
             candidates = [c for c in candidates if c[0].name == layout.step_dir_name(step)]
-            if not candidates:
+            if not candidates and self._mirror is None:
                 have = ", ".join(str(c.step) for c in self.list()) or "none"
                 raise CheckpointNotFound(f"no checkpoint for step {step} in {self.directory} (committed steps: {have})")
+        if self._mirror is not None:  # remote copies interleaved by step, downloaded only when reached
+            candidates = self._mirror.restore_candidates(candidates, step=step)
         for path, manifest in candidates:
+            report = None
             try:
                 if not isinstance(manifest, Manifest):
                     raise manifest
-                saved = self._read_state(path, manifest)
+                if distributed.handles(self._dist, manifest):  # sharded or multi-rank: verified and loaded there
+                    report = distributed.restore(self._dist, state, path, manifest)
+                else:
+                    saved = self._read_state(path, manifest)
             except (CorruptCheckpoint, UnsupportedFormat) as err:
-                if step is not None:
+                if step is not None and self._mirror is None:
                     raise
+                failed = err  # with a mirror, its copy of the step comes next
                 skipped.append(f"{path.name} ({err})")
                 warnings.warn(f"safepoint: skipping checkpoint {path}: {err}. Falling back to an older one",
                               SafepointWarning, stacklevel=2)
                 self._log.event("skip_corrupt", checkpoint=path.name, reason=str(err))
                 continue
-            report = self._apply(state, saved, manifest, path)
+            if report is None:
+                report = self._apply(state, saved, manifest, path)
             report.skipped = skipped
             return self._finish_restore(report)
+        if step is not None:  # only with a mirror: neither copy of the step was usable
+            if failed is not None:
+                raise failed
+            raise CheckpointNotFound(f"no checkpoint for step {step} in {self.directory} or its mirror "
+                                     f"{self._mirror.url if self._mirror else ''}")
         report = RestoreReport(step=0, path=None, skipped=skipped)
         self._finish_restore(report)
         return 0
@@ -278,6 +317,8 @@ class CheckpointManager:
                         not_in_state=report.not_in_state, rng=report.rng,
                         data_position=report.data_position, skipped=report.skipped)
         self._last_save_time = time.monotonic()
+        if self._mirror is not None:
+            self._mirror.kick()  # upload what an earlier attempt left unmirrored
         return report.step
 
     # ---------------------------------------------------------------- saving
@@ -302,6 +343,8 @@ class CheckpointManager:
         due = (signal_name is not None
                or (self.every_steps is not None and step % self.every_steps == 0)
                or (self.every_seconds is not None and time.monotonic() - self._last_save_time >= self.every_seconds))
+        if self._dist is not None:  # every rank decides alike: one tiny all_reduce per step
+            signal_name, due = self._dist.agree_step(signal_name, due)
         saved = False
         try:
             self._surface_pending_error(blocking=False)
@@ -346,6 +389,8 @@ class CheckpointManager:
 
     def _save(self, step: int, state: Mapping[str, Any], metrics: dict[str, float]) -> CheckpointInfo:
         self._surface_pending_error(blocking=True)
+        if self._dist is not None:  # every rank writes its shards, rank 0 commits
+            return distributed.save(self, step, state, metrics, background=False)
         started = time.monotonic()
         encoded, tensor_sets = self._prepare(step, state)
         # Tensors on a GPU go through the pinned staging buffers; CPU tensors are written as they are.
@@ -354,6 +399,8 @@ class CheckpointManager:
 
     def _save_async(self, step: int, state: Mapping[str, Any], metrics: dict[str, float]) -> SaveHandle:
         self._surface_pending_error(blocking=True)
+        if self._dist is not None:
+            return distributed.save(self, step, state, metrics, background=True)
         started = time.monotonic()
         encoded, tensor_sets = self._prepare(step, state)
         staged = self._staging.stage(tensor_sets)
@@ -390,6 +437,8 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._log.flush()
         self._log.event("save", step=step, size=info.size, seconds=round(time.monotonic() - started, 4))
+        if self._mirror is not None:
+            self._mirror.schedule(step)  # uploads in the background; never blocks
         self._apply_retention()
         self._warn_if_disk_full()
         return info
@@ -459,7 +508,9 @@ class CheckpointManager:
         if not check.shortfall:
             return
         before = check.describe()
-        for victim in budget_candidates(self.list(), self.keep, resumed_from=self._resumed_from):
+        infos = self.list()
+        for victim in budget_candidates(infos, self.keep, resumed_from=self._resumed_from,
+                                        unmirrored=self._mirror.unmirrored(infos) if self._mirror else ()):
             self._delete(victim.step, f"disk budget: step {step} {before}")
             check = check_space(self.directory, needed, max_disk=self.max_disk, min_free=self.min_free)
             if not check.shortfall:
@@ -468,7 +519,7 @@ class CheckpointManager:
             f"not saving step {step} to {self.directory}: it {check.describe()}; short by "
             f"{format_size(check.shortfall)} after deleting every unprotected checkpoint. Nothing was "
             "written. Free space on the filesystem, raise max_disk / lower min_free, or unpin "
-            "checkpoints (the newest, best, pinned and resumed-from ones are never deleted, so the "
+            "checkpoints (the newest, best, pinned, resumed-from and not-yet-mirrored ones are never deleted, so the "
             "budget must hold them plus one new checkpoint)"))
 
     def _warn_if_disk_full(self) -> None:
@@ -511,7 +562,11 @@ class CheckpointManager:
         return CheckpointInfo.from_manifest(final, manifest)
 
     def _apply_retention(self) -> None:
-        for deletion in plan_deletions(self.list(), self.keep, resumed_from=self._resumed_from):
+        infos = self.list()
+        mirror = self._mirror
+        for deletion in plan_deletions(infos, self.keep, resumed_from=self._resumed_from,
+                                       unmirrored=mirror.unmirrored(infos) if mirror else (),
+                                       keep_local=mirror.config.keep_local if mirror else None):
             self._delete(deletion.step, deletion.reason)
 
     def _delete(self, step: int, reason: str) -> None:
@@ -574,6 +629,8 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._writer.shutdown()
+            if self._mirror is not None and self._mirror.finish():  # waits for uploads, warns about the rest
+                self._apply_retention()  # what is mirrored now may go (mirror_keep_local)
             self._watcher.uninstall()
             self._log.event("close", should_stop=self.should_stop)
             self._log.close()

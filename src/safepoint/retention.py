@@ -2,7 +2,8 @@
 
 Each policy names the steps it wants kept; the union of all policies is kept, plus a protected
 set no policy can release: the newest committed checkpoint, the one the run resumed from, pinned
-ones, and the best checkpoint by every metric a ``KeepBest`` tracks. Retention runs only after a
+ones, the best checkpoint by every metric a ``KeepBest`` tracks, and (with a mirror) every one not
+yet mirrored. Retention runs only after a
 new checkpoint is committed, so a checkpoint still being written is never counted and keeping one
 (``KeepLast(1)``) is safe.
 
@@ -105,9 +106,12 @@ class Deletion:
 
 
 def protected_steps(checkpoints: Sequence[CheckpointInfo], *, resumed_from: int | None,
-                    policies: Iterable[RetentionPolicy] = ()) -> set[int]:
-    """Steps that no policy and no budget may delete."""
-    steps = {c.step for c in checkpoints if c.pinned}
+                    policies: Iterable[RetentionPolicy] = (), unmirrored: Iterable[int] = ()) -> set[int]:
+    """Steps that no policy and no budget may delete.
+
+    ``unmirrored``: with a mirror, the committed steps not uploaded yet (``mirror.unmirrored_steps``).
+    """
+    steps = {c.step for c in checkpoints if c.pinned} | (set(unmirrored) & {c.step for c in checkpoints})
     if checkpoints:
         steps.add(max(c.step for c in checkpoints))
     if resumed_from is not None:
@@ -119,32 +123,45 @@ def protected_steps(checkpoints: Sequence[CheckpointInfo], *, resumed_from: int 
 
 
 def plan_deletions(checkpoints: Sequence[CheckpointInfo], policies: Iterable[RetentionPolicy],
-                   *, resumed_from: int | None = None) -> list[Deletion]:
+                   *, resumed_from: int | None = None, unmirrored: Iterable[int] = (),
+                   keep_local: int | None = None) -> list[Deletion]:
     """Committed checkpoints that neither a policy nor the protected set keeps, oldest first.
 
-    With no policies everything is kept: safepoint never deletes unless asked to.
+    With no policies everything is kept: safepoint never deletes unless asked to. With a mirror,
+    ``unmirrored`` steps are protected, and ``keep_local=N`` (local disk as a cache) also deletes
+    mirrored checkpoints (``CheckpointInfo.mirrored``) outside the N newest, unless protected.
     """
     policies = list(policies)
-    if not policies:
+    if not policies and keep_local is None:
         return []
     ordered = sorted(checkpoints, key=lambda c: c.step)
-    keep = protected_steps(ordered, resumed_from=resumed_from, policies=policies)
+    protected = protected_steps(ordered, resumed_from=resumed_from, policies=policies, unmirrored=unmirrored)
+    keep = set(protected)
     for policy in policies:
         keep |= policy.keep(ordered)
+    if not policies:
+        keep |= {c.step for c in ordered}
     reason = "not kept by " + ", ".join(map(repr, policies))
-    return [Deletion(c.step, reason) for c in ordered if c.step not in keep]
+    plan = {c.step: Deletion(c.step, reason) for c in ordered if c.step not in keep}
+    if keep_local is not None:
+        newest = {c.step for c in ordered[-keep_local:]}
+        for c in ordered:
+            if c.mirrored and c.step not in protected and c.step not in newest and c.step not in plan:
+                plan[c.step] = Deletion(c.step, f"mirrored; the local cache keeps the newest {keep_local} "
+                                                "(mirror_keep_local)")
+    return [plan[s] for s in sorted(plan)]
 
 
 def steps_to_delete(checkpoints: Sequence[CheckpointInfo], policies: Iterable[RetentionPolicy],
-                    *, resumed_from: int | None = None) -> list[int]:
-    return [d.step for d in plan_deletions(checkpoints, policies, resumed_from=resumed_from)]
+                    *, resumed_from: int | None = None, unmirrored: Iterable[int] = ()) -> list[int]:
+    return [d.step for d in plan_deletions(checkpoints, policies, resumed_from=resumed_from, unmirrored=unmirrored)]
 
 
 def budget_candidates(checkpoints: Sequence[CheckpointInfo], policies: Iterable[RetentionPolicy],
-                      *, resumed_from: int | None = None) -> list[CheckpointInfo]:
+                      *, resumed_from: int | None = None, unmirrored: Iterable[int] = ()) -> list[CheckpointInfo]:
     """What the disk budget may delete, in order: oldest first, never the protected set."""
     ordered = sorted(checkpoints, key=lambda c: c.step)
-    protected = protected_steps(ordered, resumed_from=resumed_from, policies=policies)
+    protected = protected_steps(ordered, resumed_from=resumed_from, policies=policies, unmirrored=unmirrored)
     return [c for c in ordered if c.step not in protected]
 
 

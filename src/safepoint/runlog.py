@@ -1,7 +1,7 @@
 """The run's own records beside its checkpoints.
 
-``run.json`` holds the run id and the durable, mutable facts about checkpoints (pins; later:
-mirrored). It is replaced atomically. ``events.jsonl`` is an append-only log of what happened
+``run.json`` holds the run id and the durable, mutable facts about checkpoints (pins; with a
+mirror: its URL, the steps mirrored and the steps the mirror skips). It is replaced atomically. ``events.jsonl`` is an append-only log of what happened
 (start, save, restore, skip, prune, signal); ``metrics.jsonl`` is the metric log that
 ``step(metrics=...)`` feeds, one line per step with the attempt that logged it, so a curve can be
 stitched across restarts. Log lines are flushed, not fsynced: losing the last few lines in a crash
@@ -53,6 +53,18 @@ class RunLog:
             pins = set(meta.get("pins", []))
             pins.add(step) if pinned else pins.discard(step)
             meta["pins"] = sorted(pins)
+
+        self.update_meta(change)
+
+    def set_mirrored(self, step: int, mirrored: bool, *, skipped: bool = False) -> None:
+        """Record whether ``step`` is on the mirror ("mirrored"). ``skipped`` (with ``mirrored=False``)
+        records that the mirror will not upload it ("mirror_skipped": its retention removed it, or
+        the local copy is damaged), so it is not kept locally for the mirror's sake."""
+        def change(meta: dict[str, Any]) -> None:
+            done, skip = set(meta.get("mirrored", [])), set(meta.get("mirror_skipped", []))
+            done.add(step) if mirrored else done.discard(step)
+            skip.add(step) if skipped and not mirrored else skip.discard(step)
+            meta["mirrored"], meta["mirror_skipped"] = sorted(done), sorted(skip)
 
         self.update_meta(change)
 

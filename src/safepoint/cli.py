@@ -421,3 +421,49 @@ def serve_cmd(
         _fail(f"the dashboard needs the dashboard extra ({err.name} is missing): pip install 'safepoint[dashboard]'")
     with _handled():
         serve(directory, host=host, port=port, token=token)
+
+
+# ------------------------------------------------------------------------------ push / pull
+
+Url = Annotated[str, typer.Argument(help="the mirror: s3://bucket/prefix, or any fsspec URL")]
+Steps = Annotated[Optional[list[int]], typer.Option("--step", help="only this step (repeatable)")]
+
+
+def _transfer(what: str, run: Any) -> None:
+    """Run a push/pull with a byte progress bar; exit 1 when any checkpoint failed."""
+    console = _console(stderr=True)
+    with _progress(console, what) as bar, _handled():
+        task = bar.add_task(what, total=None)
+
+        def on_progress(event: Any) -> None:
+            if event.kind == "plan":
+                bar.update(task, total=event.nbytes)
+            elif event.kind in ("bytes", "skip"):
+                bar.advance(task, event.nbytes)
+            elif event.kind in ("step_done", "step_skipped", "step_failed"):
+                _say(f"step {event.step}: {event.kind.removeprefix('step_')}"
+                     + (f" ({event.message})" if event.message else ""))
+
+        report = run(on_progress)
+    _say(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("push")
+def push_cmd(directory: Dir, url: Url, steps: Steps = None) -> None:
+    """Upload committed checkpoints to object storage (resumable; the manifest goes last)."""
+    from .mirror import push
+
+    _transfer("push", lambda on_progress: push(directory, url, steps=steps, progress=on_progress))
+
+
+@app.command("pull")
+def pull_cmd(url: Url, directory: Dir, steps: Steps = None,
+             latest: Annotated[bool, typer.Option("--latest", help="only the newest checkpoint")] = False) -> None:
+    """Download checkpoints from object storage, verified, into a run directory (resumable)."""
+    from .mirror import pull
+
+    if latest and steps:
+        _fail("--latest and --step exclude each other")
+    _transfer("pull", lambda on_progress: pull(url, directory, steps=steps, latest=latest, progress=on_progress))

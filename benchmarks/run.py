@@ -464,7 +464,6 @@ def bench_floors(R: Results, ts: list[torch.Tensor], nbytes: int, work: Path, re
     method = {"direct": None, "buffered": None}
 
     def write_direct(_: int) -> dict[str, float]:
-        rm(f)
         if have_dd:
             t0 = time.perf_counter()
             p = subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=16M", f"count={count}", "oflag=direct",
@@ -476,7 +475,6 @@ def bench_floors(R: Results, ts: list[torch.Tensor], nbytes: int, work: Path, re
         return {"write": py_write(f, count, direct=True, method=method)}
 
     def write_buffered(_: int) -> dict[str, float]:
-        rm(f)
         if have_dd:
             t0 = time.perf_counter()
             p = subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=16M", f"count={count}", "conv=fsync"],
@@ -487,12 +485,41 @@ def bench_floors(R: Results, ts: list[torch.Tensor], nbytes: int, work: Path, re
                 return {"write": dt}
         return {"write": py_write(f, count, direct=False, method=method)}
 
-    r = repeat("disk write (O_DIRECT+fsync)", reps, write_direct, before=lambda i: settle())
+    fresh = lambda i: (rm(f), settle())  # noqa: E731 - every write goes to a new file on a settled system
+    r = repeat("disk write (O_DIRECT+fsync)", reps, write_direct, before=fresh)
     R.add("floor_write", "floor", "disk durable write (O_DIRECT + fsync)", r["write"], nbytes=fbytes,
           note=method["direct"] or "python O_DIRECT")
-    r = repeat("disk write (buffered+fsync)", reps, write_buffered, before=lambda i: settle())
+    r = repeat("disk write (buffered+fsync)", reps, write_buffered, before=fresh)
     R.add("floor_write_buffered", "floor", "disk write through page cache + fsync (info)", r["write"], nbytes=fbytes,
           note=method["buffered"] or "python buffered")
+
+    views = [host_view(t) for t in ts]
+
+    def fill(path: Path) -> float:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        t0 = time.perf_counter()
+        try:
+            for v in views:
+                for s in range(0, len(v), 8 * MiB):
+                    os.write(fd, v[s:s + 8 * MiB])
+        finally:
+            os.close(fd)
+        return time.perf_counter() - t0
+
+    r = repeat("page-cache fill", reps, lambda i: {"write": fill(f)}, before=fresh)
+    R.add("floor_pagecache", "floor", "page-cache fill: write() of the state into a new file, no fsync (info)",
+          r["write"], nbytes=nbytes, note="8 MiB writes; the cost of fresh page-cache pages")
+
+    def fill_after_delete(_: int) -> dict[str, float]:
+        fill(f)
+        rm(f)  # its pages are free again, and reused at once by the next write
+        return {"write": fill(f)}
+    r = repeat("page-cache fill right after a delete", reps, fill_after_delete, before=fresh)
+    R.add("floor_pagecache_reuse", "floor", "page-cache fill right after deleting a same-size file (info)",
+          r["write"], nbytes=nbytes, note="reuses just-freed pages: compare with the row above")
+    rm(f)
+    del views
+    write_direct(0)  # the file the read floors read
 
     cold = {"how": ""}
 
@@ -524,6 +551,10 @@ def bench_floors(R: Results, ts: list[torch.Tensor], nbytes: int, work: Path, re
             R.add("floor_read_direct", "floor", "disk read O_DIRECT, 16 MiB, queue depth 1 (info)", r["read"],
                   nbytes=fbytes)
     rm(f)
+
+
+def host_view(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def py_write(f: Path, count: int, *, direct: bool, method: dict[str, Any]) -> float:
@@ -720,14 +751,13 @@ def bench_peers(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes
     pt = work / "torch.pt"
 
     def tsave(_: int) -> dict[str, float]:
-        rm(pt)
         t0 = time.perf_counter()
         with open(pt, "wb") as f:
             torch.save(torch_obj(model, opt), f)
             f.flush()
             os.fsync(f.fileno())
         return {"save": time.perf_counter() - t0}
-    r = repeat("torch.save+fsync", reps, tsave, before=lambda i: settle())
+    r = repeat("torch.save+fsync", reps, tsave, before=lambda i: (rm(pt), settle()))
     R.add("torch_save", "peer", "torch.save + fsync", r["save"], nbytes=nbytes)
 
     log("== peers: torch.load(weights_only=True), cold cache")
@@ -756,25 +786,27 @@ def bench_peers(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes
     st = work / "state.safetensors"
 
     def stsave(_: int) -> dict[str, float]:
-        rm(st)
         t0 = time.perf_counter()
         flat, meta = flat_tensors(model, opt)
         save_file(flat, str(st), metadata=meta)
         fsync_path(st)
         return {"save": time.perf_counter() - t0}
-    r = repeat("save_file+fsync", reps, stsave, before=lambda i: settle())
+    r = repeat("save_file+fsync", reps, stsave, before=lambda i: (rm(st), settle()))
     R.add("st_save", "peer", "safetensors save_file + fsync", r["save"], nbytes=nbytes)
 
     def stload(_: int) -> dict[str, float]:
         evict([st])
         t0 = time.perf_counter()
         out = load_file(str(st), device="cpu")
+        for v in out.values():  # load_file maps the file: touch every page so it is really read
+            if v.numel():
+                float(v.reshape(-1)[::1024].sum())
         dt = time.perf_counter() - t0
         del out
         gc.collect()
         return {"load": dt}
     r = repeat("safetensors load_file", reps, stload)
-    R.add("st_load", "peer", "safetensors load_file, cold cache (info, unverified)", r["load"], nbytes=nbytes)
+    R.add("st_load", "peer", "safetensors load_file + touching every page, cold cache (info, unverified)", r["load"], nbytes=nbytes)
     rm(st)
 
     log("== peers: torch.distributed.checkpoint")
@@ -788,17 +820,15 @@ def bench_peers(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes
         dd = work / "dcp"
 
         def dsave(_: int) -> dict[str, float]:
-            rm(dd)
             t0 = time.perf_counter()
             dcp.save(dcp_state(model, opt), checkpoint_id=str(dd), no_dist=True)
             return {"save": time.perf_counter() - t0}
-        r = repeat("dcp.save", reps, dsave, before=lambda i: settle())
+        r = repeat("dcp.save", reps, dsave, before=lambda i: (rm(dd), settle()))
         R.add("dcp_save", "peer", "dcp.save (no_dist, FileSystemWriter sync_files=True)", r["save"], nbytes=nbytes)
         R.extra["dcp_size"] = tree_bytes(dd)[0]
         dmem: list[int] = []
 
         def dasave(_: int) -> dict[str, float]:
-            rm(dd)
             with RssPeak() as rp:
                 t0 = time.perf_counter()
                 fut = dcp.async_save(dcp_state(model, opt), checkpoint_id=str(dd), no_dist=True,
@@ -808,7 +838,7 @@ def bench_peers(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes
                 t2 = time.perf_counter()
             dmem.append(rp.extra)
             return {"blocking": t1 - t0, "total": t2 - t0}
-        r = repeat("dcp.async_save (thread)", reps, dasave, before=lambda i: settle())
+        r = repeat("dcp.async_save (thread)", reps, dasave, before=lambda i: (rm(dd), settle()))
         R.add("dcp_async_block", "peer", "dcp.async_save (thread): blocking", r["blocking"], nbytes=nbytes)
         R.add("dcp_async_total", "peer", "dcp.async_save (thread): total", r["total"], nbytes=nbytes)
         R.add("mem_dcp_async", "memory", "dcp.async_save (thread): peak extra RSS", dmem[1:] or dmem, unit="B",
@@ -879,7 +909,6 @@ def bench_hf(R: Results, model: nn.Module, nbytes: int, work: Path, reps: int) -
     tr.optimizer.zero_grad(set_to_none=True)
 
     def hsave(i: int) -> dict[str, float]:
-        rm(out_dir)
         tr.state.global_step = i + 2
         t0 = time.perf_counter()
         tr._save_checkpoint(tr.model, trial=None)
@@ -887,7 +916,7 @@ def bench_hf(R: Results, model: nn.Module, nbytes: int, work: Path, reps: int) -
         fsync_tree(next(out_dir.iterdir()))
         t2 = time.perf_counter()
         return {"save": t2 - t0, "no_fsync": t1 - t0}
-    r = repeat("HF Trainer _save_checkpoint", reps, hsave, before=lambda i: settle())
+    r = repeat("HF Trainer _save_checkpoint", reps, hsave, before=lambda i: (rm(out_dir), settle()))
     R.add("hf_save", "peer", "HF Trainer _save_checkpoint + fsync of every file", r["save"], nbytes=nbytes,
           note="model.safetensors + optimizer.pt (torch.save) + rng/scheduler/trainer_state")
     rm(out_dir)
@@ -1238,8 +1267,8 @@ def render_md(R: Results, info: dict[str, Any], cfg: dict[str, Any], rat: dict[s
         "torch_load_apply": ("restore_time_vs_torch_load_apply", "safepoint restore = {ref_val:.2f}× this"),
         "train_stall_sp_async": ("stall_async_vs_sync_torch_save", "{ref_val:.2f}× torch.save stall"),
     }
-    table([("floors", ["floor_staging", "floor_fresh_copy", "floor_write", "floor_write_buffered", "floor_read",
-                       "floor_read_direct"]),
+    table([("floors", ["floor_staging", "floor_fresh_copy", "floor_write", "floor_write_buffered", "floor_pagecache",
+                       "floor_pagecache_reuse", "floor_read", "floor_read_direct"]),
            ("safepoint", ["sp_save", "sp_async_block", "sp_async_total", "sp_restore", "sp_restore_warm"]),
            ("peers", ["torch_save", "st_save", "dcp_save", "dcp_async_block", "dcp_async_total", "hf_save",
                       "torch_load", "torch_load_apply", "st_load"])], ref)

@@ -1398,8 +1398,11 @@ def main(argv: list[str] | None = None) -> int:
                 base.rmdir()
 
     rat, goals = compute_ratios(R)
-    cfg = {"argv": argv, "size": size, "reps": reps, "train_bytes": train_bytes, "wall_s": time.perf_counter() - t_start,
-           "dir": str(base)}
+    # No machine paths in the results: the scratch directory is named by its filesystem only.
+    info["bench_dir"] = "<bench dir>"
+    shown_argv = ["<bench dir>" if a == str(args.dir) else a for a in argv]
+    cfg = {"argv": shown_argv, "size": size, "reps": reps, "train_bytes": train_bytes,
+           "wall_s": time.perf_counter() - t_start, "dir": "<bench dir>"}
     md = render_md(R, info, cfg, rat, goals)
 
     def clean(o: Any) -> Any:

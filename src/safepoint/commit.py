@@ -182,6 +182,16 @@ def move_to_trash(run_dir: Path, name: str) -> Path:
     return target
 
 
+def seal(tmp: Path, final: Path, manifest: bytes) -> None:
+    """Write the manifest last, then make ``tmp`` visible as ``final`` (replacing a same-step save)."""
+    write_bytes(tmp / layout.MANIFEST, manifest)
+    faults.reach("before_rename")
+    if final.exists():  # an explicit save() of a step already on disk replaces it
+        replace_dir(tmp, final)
+    else:
+        commit_dir(tmp, final)
+
+
 def delete_checkpoint(run_dir: Path, name: str) -> None:
     """Crash-safe delete: one rename takes it out of every listing, then its bytes are removed.
 

@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from . import errors, faults, layout, sharded, stateful
 from .catalog import CheckpointInfo, check_file, check_presence, read_run_meta
-from .commit import HASH_ALGORITHM, FileRecord, commit_dir, dump_json, fsync_dir, hash_file, remove_tree, replace_dir
+from .commit import HASH_ALGORITHM, FileRecord, dump_json, fsync_dir, hash_file, remove_tree
 from .disk import check_space, estimate_checkpoint_size, format_size
 from .errors import CorruptCheckpoint, IncompatibleState, InsufficientDiskSpace, SafepointError, SafepointWarning
 from .manifest import Manifest, library_versions, utc_now
@@ -341,14 +341,9 @@ def _commit_leader(m: "CheckpointManager", ctx: DistContext, plan: _Plan, votes:
                 "format": "torch.distributed.checkpoint", "dcp_dir": sharded.DCP_DIR,
                 "dcp_entries": snap.dcp_entries, "rank_entries": snap.rank_entries,
                 "replicated": replicated, "writers": writers}})
-        from .commit import write_bytes
+        from .commit import seal
 
-        write_bytes(tmp / layout.MANIFEST, dump_json(manifest.to_json()))
-        faults.reach("before_rename")
-        if final.exists():  # an explicit save() of a step already on disk replaces it
-            replace_dir(tmp, final)
-        else:
-            commit_dir(tmp, final)
+        seal(tmp, final, dump_json(manifest.to_json()))
     except BaseException:
         remove_tree(tmp)
         raise

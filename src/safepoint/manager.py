@@ -34,7 +34,7 @@ from . import distributed
 from .async_save import BackgroundWriter, SaveHandle, StagingBuffers
 from .catalog import CheckpointInfo, check_file, check_presence, leftover_tmp_dirs, list_checkpoints, scan
 from .codec import Encoder, decode
-from .commit import (HASH_ALGORITHM, commit_dir, delete_checkpoint, dump_json, remove_tree, replace_dir,
+from .commit import (HASH_ALGORITHM, commit_dir, delete_checkpoint, dump_json, remove_tree, seal,
                      write_bytes)
 from .compat import require_fit
 from .disk import MinFree, check_space, estimate_checkpoint_size, format_size, parse_size, used_fraction
@@ -549,12 +549,7 @@ class CheckpointManager:
                                 created=created, committed=utc_now(), metrics=metrics,
                                 entries=[n for n in encoded if n != stateful.RNG_ENTRY],
                                 versions=library_versions())
-            write_bytes(tmp / layout.MANIFEST, dump_json(manifest.to_json()))
-            faults.reach("before_rename")
-            if final.exists():  # an explicit save() of a step already on disk replaces it
-                replace_dir(tmp, final)
-            else:
-                commit_dir(tmp, final)
+            seal(tmp, final, dump_json(manifest.to_json()))
         except BaseException:
             remove_tree(tmp)
             raise

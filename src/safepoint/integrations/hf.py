@@ -60,11 +60,16 @@ def latest_checkpoint(output_dir: str | os.PathLike[str], *, model: Any = None) 
     With ``model``, the checkpoint's weights must fit it (names and shapes), or
     ``IncompatibleState`` names every mismatch, instead of a stack trace from inside torch.
     """
-    for _, path in _checkpoint_dirs(Path(output_dir)):
+    return first_verified((path for _, path in _checkpoint_dirs(Path(output_dir))), model=model)
+
+
+def first_verified(candidates: Iterable[Path], *, model: Any = None) -> str | None:
+    """The first candidate that verifies (the rest are skipped with a warning); None if none does."""
+    for path in candidates:
         try:
             verify(path)
         except (CorruptCheckpoint, UnsupportedFormat) as err:
-            warnings.warn(f"safepoint: skipping {path}: {err}", SafepointWarning, stacklevel=2)
+            warnings.warn(f"safepoint: skipping {path}: {err}", SafepointWarning, stacklevel=3)
             continue
         if model is not None:
             check_fits(path, model)

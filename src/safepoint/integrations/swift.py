@@ -40,13 +40,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .. import layout
-from ..catalog import verify
 from ..commit import delete_checkpoint
-from ..errors import CorruptCheckpoint, DirectoryLocked, SafepointWarning, UnsupportedFormat
+from ..errors import DirectoryLocked, SafepointWarning
 from ..lock import RunLock
 from ..prune import policies_from_options
 from ..signals import DEFAULT_SIGNALS
-from .hf import SafepointCallback, _checkpoint_dirs, check_fits
+from .hf import SafepointCallback, _checkpoint_dirs, first_verified
 
 log = logging.getLogger("safepoint")
 
@@ -95,16 +94,7 @@ def latest_swift_checkpoint(output_dir: str | os.PathLike[str], *, model: Any = 
     ``SafepointWarning`` naming them. None when there is none: start afresh. With ``model``, the
     checkpoint's weights must fit it (``IncompatibleState`` names every mismatch).
     """
-    for path in swift_checkpoints(output_dir):
-        try:
-            verify(path)
-        except (CorruptCheckpoint, UnsupportedFormat) as err:
-            warnings.warn(f"safepoint: skipping {path}: {err}", SafepointWarning, stacklevel=2)
-            continue
-        if model is not None:
-            check_fits(path, model)
-        return str(path)
-    return None
+    return first_verified(swift_checkpoints(output_dir), model=model)
 
 
 # -- the callback -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from . import distributed
 from .async_save import BackgroundWriter, SaveHandle, StagingBuffers
 from .catalog import CheckpointInfo, check_file, check_presence, leftover_tmp_dirs, list_checkpoints, scan
 from .codec import Encoder, decode
-from .commit import (HASH_ALGORITHM, commit_dir, delete_checkpoint, dump_json, remove_tree, seal,
+from .commit import (HASH_ALGORITHM, delete_checkpoint, dump_json, remove_tree, seal,
                      write_bytes)
 from .compat import require_fit
 from .disk import MinFree, check_space, estimate_checkpoint_size, format_size, parse_size, used_fraction

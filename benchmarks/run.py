@@ -682,9 +682,9 @@ def bench_safepoint(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nb
 def profile_save(mgr: CheckpointManager, step: int, state: dict[str, Any]) -> dict[str, Any]:
     """Time the phases of one sync save by wrapping HashingWriter methods and os.fsync (not the measured reps)."""
     from safepoint import commit
-    acc = {"write_calls_s": 0.0, "fsync_s": 0.0, "close_s": 0.0, "hash_wait_in_close_s": 0.0}
+    acc = {"write_calls_s": 0.0, "fsync_s": 0.0, "close_s": 0.0, "buffer_wait_s": 0.0}
     orig_write, orig_close, orig_finish, orig_fsync = (commit.HashingWriter.write, commit.HashingWriter.close,
-                                                       commit.HashingWriter._finish_hash, os.fsync)
+                                                       commit.HashingWriter._wait, os.fsync)
 
     def timed(key: str, fn: Callable) -> Callable:
         def wrapper(*a: Any, **k: Any) -> Any:
@@ -696,7 +696,7 @@ def profile_save(mgr: CheckpointManager, step: int, state: dict[str, Any]) -> di
         return wrapper
     commit.HashingWriter.write = timed("write_calls_s", orig_write)
     commit.HashingWriter.close = timed("close_s", orig_close)
-    commit.HashingWriter._finish_hash = timed("hash_wait_in_close_s", orig_finish)
+    commit.HashingWriter._wait = timed("buffer_wait_s", orig_finish)
     os.fsync = timed("fsync_s", orig_fsync)
     try:
         t0 = time.perf_counter()
@@ -704,7 +704,7 @@ def profile_save(mgr: CheckpointManager, step: int, state: dict[str, Any]) -> di
         total = time.perf_counter() - t0
     finally:
         commit.HashingWriter.write, commit.HashingWriter.close = orig_write, orig_close
-        commit.HashingWriter._finish_hash, os.fsync = orig_finish, orig_fsync
+        commit.HashingWriter._wait, os.fsync = orig_finish, orig_fsync
     out = {k: round(v, 4) for k, v in acc.items()}
     out["total_s"] = round(total, 4)
     out["other_s"] = round(total - acc["write_calls_s"] - acc["close_s"], 4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -60,7 +61,11 @@ def build_lora_minilm() -> tuple[torch.nn.Module, torch.utils.data.Dataset]:
 
 
 class KillDuringSave(TrainerCallback):
-    """Test hook: arm a SIGKILL inside safepoint's commit of checkpoint-N (before its manifest)."""
+    """Test hook: arm a SIGKILL inside safepoint's commit of checkpoint-N (before its manifest).
+
+    With ``--async-save`` the commit runs on the background writer, so the kill lands while
+    training has already moved on.
+    """
 
     def __init__(self, step: int) -> None:
         self.step = step
@@ -68,6 +73,21 @@ class KillDuringSave(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.environ[ENV] = "before_manifest:kill"
+
+
+def build_trainer(out_dir: str | os.PathLike[str], *, steps: int, save_steps: int, callbacks: list[TrainerCallback],
+                  model: str = "llama", evaluate: bool = False, **overrides: Any) -> Trainer:
+    """The run this example trains: seeded, deterministic on CPU. ``overrides`` go to TrainingArguments."""
+    torch.manual_seed(0)
+    net, dataset = build_lora_minilm() if model == "minilm-lora" else build_tiny_llama()
+    options: dict[str, Any] = dict(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        lr_scheduler_type="cosine", warmup_steps=2, save_steps=save_steps, logging_steps=1,
+        report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    options.update(overrides)
+    eval_dataset = TokenDataset(8, 16, 128) if evaluate else None
+    return Trainer(model=net, args=TrainingArguments(**options), train_dataset=dataset,
+                   eval_dataset=eval_dataset, callbacks=callbacks)
 
 
 def main() -> int:
@@ -80,19 +100,16 @@ def main() -> int:
     p.add_argument("--kill-in-save", type=int, help="SIGKILL this process while committing checkpoint-N")
     p.add_argument("--max-disk", default=None)
     p.add_argument("--model", choices=["llama", "minilm-lora"], default="llama")
+    p.add_argument("--async-save", action="store_true", help="train on while each checkpoint is written")
     args = p.parse_args()
 
-    torch.manual_seed(0)
-    model, dataset = build_lora_minilm() if args.model == "minilm-lora" else build_tiny_llama()
-    training_args = TrainingArguments(
-        output_dir=args.out_dir, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3,
-        lr_scheduler_type="cosine", warmup_steps=2, save_steps=args.save_steps, logging_steps=1,
-        report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
     callbacks: list[TrainerCallback] = []
     if args.kill_in_save:
         callbacks.append(KillDuringSave(args.kill_in_save))
-    callbacks.append(SafepointCallback(keep=[KeepLast(2)], max_disk=args.max_disk))
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=callbacks)
+    callbacks.append(SafepointCallback(keep=[KeepLast(2)], max_disk=args.max_disk, async_save=args.async_save))
+    trainer = build_trainer(args.out_dir, steps=args.steps, save_steps=args.save_steps, callbacks=callbacks,
+                            model=args.model)
+    model = trainer.model
 
     resume = True if args.plain_resume else latest_checkpoint(args.out_dir)
     print(f"resume from {resume}", flush=True)

@@ -204,3 +204,14 @@ def assert_same_weights(got: Path, expected: Path) -> None:
 def same_weights():
     """``same_weights(got, expected)`` asserts two safetensors weight files are bitwise equal."""
     return assert_same_weights
+
+
+def reference_hash(data: bytes, like: str) -> str:
+    """The hash of ``data`` computed with the reference library of the algorithm ``like`` names."""
+    if like.startswith("blake3:"):
+        import blake3
+
+        return "blake3:" + blake3.blake3(data).hexdigest()
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()

@@ -8,7 +8,6 @@ subprocess to prove the entry point and the cross-process lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ from typer.testing import CliRunner, Result
 from safepoint import CheckpointManager, layout
 from safepoint.cli import app
 from safepoint.disk import tree_size
+from conftest import reference_hash  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [10, 20, 30, 40, 50]
@@ -171,7 +171,7 @@ def test_verify_ok_then_a_flipped_byte_is_named(run: Path) -> None:
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF
     target.write_bytes(bytes(data))
-    actual = hashlib.sha256(data).hexdigest()
+    actual = reference_hash(bytes(data), expected)
 
     proc = cli_proc("verify", run)
     assert proc.returncode == 1, proc.stdout + proc.stderr

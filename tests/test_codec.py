@@ -300,11 +300,12 @@ def test_tensor_file_is_plain_safetensors(tmp_path: Path) -> None:
 
 
 def test_record_hash_matches_file(tmp_path: Path) -> None:
-    import hashlib
+    from conftest import reference_hash
 
     path = tmp_path / "t.safetensors"
     record = write_tensors(path, {"a": torch.randn(100, 100), "b": torch.arange(10)})
-    assert record.hash == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert record.hash.startswith("blake3:")
+    assert record.hash == reference_hash(path.read_bytes(), record.hash)
     assert record.size == path.stat().st_size
 
 

@@ -6,7 +6,6 @@ In-process and fast. Faults are injected through ``SAFEPOINT_FAULT=<point>`` (ra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ from safepoint import CheckpointManager, DirectoryLocked, KeepLast, RunDirectory
 from safepoint import faults
 from safepoint.catalog import verify
 from safepoint.faults import InjectedFault
+from conftest import reference_hash  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -376,7 +376,7 @@ def test_manifest_content(tmp_path: Path) -> None:
         assert m["step"] == step
         assert m["run_id"] == run_id
         assert m["world_size"] == 1
-        assert m["hash_algorithm"] == "sha256"
+        assert m["hash_algorithm"] == "blake3"
         assert m["versions"]["torch"] == torch.__version__
         assert m["versions"]["safepoint"] == safepoint.__version__
         assert m["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
@@ -389,7 +389,7 @@ def test_manifest_content(tmp_path: Path) -> None:
         for name, rec in m["files"].items():
             data = (ck / name).read_bytes()
             assert rec["size"] == len(data), name
-            assert rec["hash"] == hashlib.sha256(data).hexdigest(), name
+            assert rec["hash"] == reference_hash(data, "blake3:"), name
     assert manifests[0]["metrics"] == {"loss": 0.5, "acc": 0.25}
     assert manifests[1]["metrics"] == {}
     assert manifests[0]["run_id"] == manifests[1]["run_id"]

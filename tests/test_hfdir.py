@@ -24,7 +24,8 @@ from typer.testing import CliRunner, Result  # noqa: E402
 
 from safepoint import hfdir, layout  # noqa: E402
 from safepoint.cli import app  # noqa: E402
-from safepoint.commit import HASH_ALGORITHM, dump_json, hash_file  # noqa: E402
+from safepoint.commit import dump_json, hash_file  # noqa: E402
+from safepoint.hashing import default_algorithm  # noqa: E402
 from safepoint.manifest import Manifest, utc_now  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,13 +166,13 @@ def test_pin_in_an_output_dir_protects_from_prune(output: Path) -> None:
 def test_a_safepoint_manifest_in_a_checkpoint_dir_is_verified_by_hash(output: Path) -> None:
     ckpt = output / "checkpoint-6"
     files = {p.name: hash_file(p) for p in sorted(ckpt.iterdir()) if p.is_file()}
-    manifest = Manifest(step=6, run_id="test", files=files, hash_algorithm=HASH_ALGORITHM, created=utc_now(),
+    manifest = Manifest(step=6, run_id="test", files=files, hash_algorithm=default_algorithm(), created=utc_now(),
                         committed=utc_now(), metrics={"loss": 1.0})
     (ckpt / layout.MANIFEST).write_bytes(dump_json(manifest.to_json()))
     flags = {c["step"]: c["flags"] for c in json.loads(cli("ls", output, "--json").stdout)["checkpoints"]}
     assert "committed" in flags[6] and "committed" not in flags[4]
     ok = cli("verify", output, "--step", 6)
-    assert ok.exit_code == 0 and f"{len(files)} files" in ok.stdout and "sha256 verified" in ok.stdout
+    assert ok.exit_code == 0 and f"{len(files)} files" in ok.stdout and f"{default_algorithm()} verified" in ok.stdout
     data = bytearray((ckpt / "optimizer.pt").read_bytes())
     data[len(data) // 2] ^= 1
     (ckpt / "optimizer.pt").write_bytes(bytes(data))

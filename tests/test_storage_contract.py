@@ -15,6 +15,7 @@ pytest_plugins = ["s3_server"]
 
 from safepoint.errors import MirrorError, TransientStorageError  # noqa: E402
 from safepoint.storage import RetryPolicy, Storage, file_digest, is_transient  # noqa: E402
+from conftest import reference_hash  # noqa: E402
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 
@@ -48,7 +49,7 @@ def test_put_get_round_trip_and_info(store: Storage, tmp_path: Path) -> None:
     got = tmp_path / "got.bin"
     store.get_file("a/b/data.bin", got)
     assert got.read_bytes() == src.read_bytes()
-    assert store.sha256("a/b/data.bin") == (src.stat().st_size, hashlib.sha256(src.read_bytes()).hexdigest())
+    assert store.content_hash("a/b/data.bin", like="0") == (src.stat().st_size, hashlib.sha256(src.read_bytes()).hexdigest())
 
 
 def test_bytes_exists_size_overwrite(store: Storage) -> None:
@@ -97,8 +98,10 @@ def test_multipart_upload_etag_matches_local_computation(store: Storage, tmp_pat
     assert sum(reported) == size
     info = store.info("big/blob.bin")
     assert info is not None and info.size == size
-    local_size, sha, etag = file_digest(src, part)
+    local_size, sha, etag = file_digest(src, part, like="0")  # bare hex: sha256
     assert (local_size, sha) == (size, hashlib.sha256(src.read_bytes()).hexdigest())
+    _, b3, _ = file_digest(src, part, like="blake3:")
+    assert b3 == reference_hash(src.read_bytes(), "blake3:")
     if store.is_s3:
         assert part == 5 << 20 and etag.endswith("-3")
         assert info.etag == etag, "the multipart ETag computed locally must equal the server's"

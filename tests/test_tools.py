@@ -90,6 +90,25 @@ def test_fork_shares_bytes_records_lineage_and_resumes(tmp_path):
         assert [c.step for c in ckpt.list()] == [2, 4]  # the fork point is pinned
 
 
+def test_fork_of_a_delta_brings_its_base_and_resumes_exactly(tmp_path):
+    source, trial = tmp_path / "source", tmp_path / "trial"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    with CheckpointManager(source, delta_every=3, keep=None) as ckpt:
+        for step in (1, 2):
+            with torch.no_grad():
+                model.weight.mul_(1.01)
+            ckpt.save(step, {"model": model})
+    assert verify(source / "step_00000002").parent == 1  # step 2 is a delta on step 1
+    fork(source, 2, trial)
+    assert sorted(p.name for p in trial.glob("step_*")) == ["step_00000001", "step_00000002"]
+    shutil.rmtree(source)
+    fresh = torch.nn.Linear(16, 16)
+    with CheckpointManager(trial) as ckpt:
+        assert ckpt.restore({"model": fresh}) == 2
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+
+
 def test_fork_refuses_missing_steps_and_non_empty_targets(tmp_path):
     two_steps(tmp_path / "run")
     with pytest.raises(CheckpointNotFound):

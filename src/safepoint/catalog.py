@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import layout
 from .commit import FileRecord, hash_file
+from .delta import check_base
 from .errors import CorruptCheckpoint, UnsupportedFormat
 from .manifest import Manifest, read_manifest
 
@@ -35,6 +36,7 @@ class CheckpointInfo:
     mirrored: bool = False
     run_id: str = ""
     world_size: int = 1
+    parent: int | None = None  # the base step of a delta checkpoint (retention keeps it while this exists)
 
     @property
     def committed_at(self) -> datetime:
@@ -44,7 +46,7 @@ class CheckpointInfo:
     def from_manifest(cls, path: Path, m: Manifest, *, pinned: bool = False, mirrored: bool = False) -> "CheckpointInfo":
         return cls(step=m.step, path=path, created=m.created, committed=m.committed, size=m.total_size,
                    metrics=dict(m.metrics), pinned=pinned, mirrored=mirrored, run_id=m.run_id,
-                   world_size=m.world_size)
+                   world_size=m.world_size, parent=m.parent)
 
 
 def read_run_meta(run_dir: Path) -> dict:
@@ -100,9 +102,11 @@ def verify(checkpoint_dir: Path, *, on_file: Callable[[str, int], None] | None =
     """Check that every file the manifest lists is present with its size and hash.
 
     Raises ``CorruptCheckpoint`` naming the file and the expected vs. actual value. ``on_file(name,
-    size)`` is called after each file checks out (progress bars).
+    size)`` is called after each file checks out (progress bars). A delta checkpoint also needs its
+    base committed with the files it was encoded against (``delta.check_base``).
     """
     manifest = read_manifest(checkpoint_dir)
+    check_base(checkpoint_dir, manifest)
     for name, expected in manifest.files.items():
         check_file(checkpoint_dir / name, expected)
         if on_file is not None:
@@ -135,4 +139,4 @@ def check_hash(path: Path, expected: FileRecord, actual: FileRecord) -> None:
 def check_file(path: Path, expected: FileRecord) -> None:
     """Size and hash of one file against its manifest record."""
     check_size(path, expected)
-    check_hash(path, expected, hash_file(path))
+    check_hash(path, expected, hash_file(path, like=expected.hash))

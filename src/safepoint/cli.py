@@ -28,6 +28,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from .disk import format_size
+from .encoding import summary as encoding_summary
 from .errors import CorruptCheckpoint, SafepointError, UnsupportedFormat
 from .prune import PlannedDeletion, PrunePlan, collect_garbage, parse_keep_best, policies_from_options, prune, set_pinned
 from .rundir import bytes_to_hash, details, listing, open_run, verify_run, verify_targets
@@ -172,7 +173,11 @@ def _print_details(data: dict[str, Any]) -> None:
     out.print(f"state: {', '.join(data['flags']) or '-'}")
     for key, value in (data["manifest"] or {}).items():
         if key not in ("metrics", "entries") and value not in (None, {}, [], ""):
+            if key == "extra" and data.get("encoding"):  # shown below, readably
+                continue
             out.print(f"{key}: {value}")
+    for line in encoding_summary(data.get("encoding")):
+        out.print(f"storage: {line}")
     if data["metrics"]:
         out.print("metrics: " + ", ".join(f"{k}={_metric(v)}" for k, v in data["metrics"].items()))
     if data["entries"]:
@@ -376,6 +381,41 @@ def fork_cmd(directory: Dir, step: Step,
     _say(f"forked step {step} of {directory} into {target}")
 
 
+# ------------------------------------------------------------------------------ check-resume
+
+
+@app.command("check-resume", context_settings={"allow_interspersed_args": False})
+def check_resume_cmd(
+    command: Annotated[Optional[list[str]], typer.Argument(help="the training command, after --", metavar="-- CMD...")] = None,
+    steps: Annotated[int, typer.Option(help="last step of both runs ({steps} in CMD; the loop must stop on ckpt.should_stop)")] = 20,
+    every: Annotated[int, typer.Option(help="save every N steps in both runs; 1 finds the very step where they part")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="draw the kill step from this seed (default: a new one, printed)")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="a new or empty scratch directory (default: a temporary one)")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the scratch runs even when the resume is exact")] = False,
+    timeout: Annotated[Optional[str], typer.Option(help="give up when one start of the script takes longer, e.g. 30m")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Is the resume exact? Run CMD straight, and killed then resumed; compare every checkpoint.
+
+    Exit 0: bitwise equal. Exit 1: not exact (the report names the state that was not restored) or
+    the script is not deterministic. Exit 2: bad input, or the script failed or did not checkpoint.
+    """
+    from .check_resume import CheckResumeError, check_resume
+    from .supervisor import parse_seconds
+
+    try:
+        limit = None if timeout is None else parse_seconds(timeout, what="--timeout")
+        result = check_resume(command or [], steps=steps, every=every, seed=seed, workdir=workdir, keep=keep,
+                              timeout=limit, progress=lambda line: typer.echo(f"check-resume: {line}", err=True))
+    except CheckResumeError as err:  # may carry the tail of the script's output: kept on its lines
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    except (SafepointError, ValueError) as err:
+        _fail(str(err))
+    print(json.dumps(result.to_json(), indent=1) if as_json else result.report())
+    raise typer.Exit(0 if result.exact else 1)
+
+
 # ------------------------------------------------------------------------------ run / serve
 
 
@@ -389,6 +429,14 @@ def run_cmd(
                                          help="delay before restart n: BASE*2^(n-1) up to MAX, minus up to 20% jitter")] = "1s..60s",
     grace: Annotated[str, typer.Option(help="after a forwarded SIGTERM/SIGINT/SIGUSR1, wait this long, then SIGKILL")] = "30s",
     crash_loop: Annotated[int, typer.Option(help="stop after N consecutive crashes without a new checkpoint")] = 3,
+    snapshot_every: Annotated[Optional[int], typer.Option(
+        help="the trainer copies its state into shared memory every N steps; after a crash that copy is "
+             "committed before the restart (CheckpointManager(snapshot_every=...) overrides)")] = None,
+    snapshot_dir: Annotated[Optional[Path], typer.Option(
+        help="the tmpfs that holds the memory snapshots (default /dev/shm); removed on exit")] = None,
+    on_commit: Annotated[Optional[str], typer.Option(
+        metavar="CMD", help="run CMD for each new checkpoint ({path} {step} {run_dir} replaced); its last "
+                            "output line, a number or JSON object, is stored as the checkpoint's metrics")] = None,
 ) -> None:
     """Run a training command; restart it when it crashes; forward SIGTERM; stop crash loops.
 
@@ -400,7 +448,8 @@ def run_cmd(
     try:
         supervisor = Supervisor(command or [], run_dir=run_dir, max_restarts=None if max_restarts < 0 else max_restarts,
                                 backoff=Backoff.parse(backoff), grace=parse_seconds(grace, what="--grace"),
-                                crash_loop=crash_loop)
+                                crash_loop=crash_loop, snapshot_every=snapshot_every, snapshot_dir=snapshot_dir,
+                                on_commit=on_commit)
     except ValueError as err:
         _fail(str(err))
     raise typer.Exit(supervisor.run())

@@ -11,27 +11,34 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
+import mmap
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import faults, layout
+import numpy as np
 
-HASH_ALGORITHM = "sha256"
+from . import faults, hashing, layout
+
 _CHUNK = 8 << 20
 # One process-wide hashing thread: hash updates must stay in order per file, and two cores are
 # better spent on one hash stream beside the writer than on many.
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safepoint-hash")
+# One process-wide thread issues direct writes, so the thread that fills buffers never waits on the disk.
+_IO = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safepoint-io")
+_DIRECT_BUFFER = 16 << 20  # large enough for full disk bandwidth, small enough to reuse
+_BLOCK = 4096  # O_DIRECT alignment of buffers, offsets and lengths (covers 512-byte devices)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 @dataclass(frozen=True)
 class FileRecord:
-    """What the manifest says about one file: its size and content hash."""
+    """What the manifest says about one file: its size and content hash (see ``hashing``)."""
 
     size: int
     hash: str
@@ -53,59 +60,168 @@ def _explain_os_error(err: OSError, path: Path) -> OSError:
     return err
 
 
+class _BouncePair:
+    """Two page-aligned buffers for direct I/O, reused across files (fresh pages are slow to fault in)."""
+
+    _free: list["_BouncePair"] = []
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.maps = [mmap.mmap(-1, _DIRECT_BUFFER), mmap.mmap(-1, _DIRECT_BUFFER)]
+        self.arrays = [np.frombuffer(m, dtype=np.uint8) for m in self.maps]
+
+    @classmethod
+    def take(cls) -> "_BouncePair":
+        with cls._lock:
+            return cls._free.pop() if cls._free else cls()
+
+    def give_back(self) -> None:
+        with self._lock:
+            if len(self._free) < 2:
+                self._free.append(self)
+
+
 class HashingWriter:
     """A file opened for a durable write that hashes exactly the bytes it writes.
 
-    Hashing runs on a helper thread, one chunk behind the write (both release the GIL), so a save
-    costs max(write, hash) instead of their sum. ``close()`` fsyncs and returns the file's
-    ``FileRecord``. Any ``OSError`` (ENOSPC above all) is re-raised naming the file, because
-    ``write`` on a full disk otherwise says little. The caller must keep written buffers
-    unchanged until ``close()`` returns.
+    Hashing runs on a helper thread beside the write (both release the GIL), so a save costs
+    max(write, hash) instead of their sum. With ``direct=True`` (large files) bytes are copied into
+    two page-aligned buffers that are written with ``O_DIRECT`` from an I/O thread while the other
+    fills: the disk streams at its own speed, no page-cache pages are allocated (slow on a fresh or
+    ballooned machine) and nothing waits for writeback at ``fsync``. Filesystems without
+    ``O_DIRECT`` (tmpfs, some FUSE) fall back to plain writes. ``close()`` fsyncs and returns the
+    file's ``FileRecord``. Any ``OSError`` (ENOSPC above all) is re-raised naming the file. In the
+    plain mode the caller must keep written buffers unchanged until ``close()`` returns.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, direct: bool = False, algorithm: str | None = None) -> None:
         self.path = path
-        self._file = open(path, "xb", buffering=0)
-        self._hash = hashlib.new(HASH_ALGORITHM)
+        self.algorithm = algorithm or hashing.default_algorithm()
+        self._hash = hashing.new_hasher(self.algorithm)
         self._size = 0
         self._hashing: Future[None] | None = None
+        self._fd = -1
+        self._bounce: _BouncePair | None = None
+        if direct and _O_DIRECT:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o644)
+                self._bounce = _BouncePair.take()
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+        if self._fd < 0:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fill = 0
+        self._current = 0
+        self._busy: list[list[Future[Any]]] = [[], []]  # per buffer: its pending hash and write
+        self._direct_ok = self._bounce is not None
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         try:
+            if self._bounce is not None:
+                self._write_buffered_direct(view)
+                return
             for start in range(0, len(view), _CHUNK):
                 chunk = view[start:start + _CHUNK]
                 self._write_all(chunk)
-                if self._hashing is not None:
-                    self._hashing.result()
-                self._hashing = _HASHER.submit(self._hash.update, chunk)
+                self._size += len(chunk)
+                self._hash_next(chunk)
         except OSError as err:
             raise _explain_os_error(err, self.path) from err
+
+    def _hash_next(self, chunk: memoryview) -> Future[None]:
+        if self._hashing is not None:
+            self._hashing.result()
+        self._hashing = _HASHER.submit(self._hash.update, chunk)
+        return self._hashing
 
     def _write_all(self, view: memoryview) -> None:
         while view:
-            written = self._file.write(view)
-            self._size += written
+            try:
+                written = os.write(self._fd, view)
+            except OSError as err:
+                if err.errno != errno.EINVAL or not self._direct_ok:
+                    raise
+                self._drop_direct()  # the filesystem refused an aligned direct write: go buffered
+                continue
             view = view[written:]
+
+    def _drop_direct(self) -> None:
+        import fcntl
+
+        self._direct_ok = False
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+
+    def _write_buffered_direct(self, view: memoryview) -> None:
+        assert self._bounce is not None
+        source = np.frombuffer(view, dtype=np.uint8) if len(view) else None
+        pos = 0
+        while pos < len(view):
+            target = self._bounce.arrays[self._current]
+            take = min(_DIRECT_BUFFER - self._fill, len(view) - pos)
+            np.copyto(target[self._fill:self._fill + take], source[pos:pos + take])  # releases the GIL
+            self._fill += take
+            pos += take
+            if self._fill == _DIRECT_BUFFER:
+                self._flush(self._fill)
+
+    def _flush(self, length: int) -> None:
+        """Hand the current buffer to the hasher and the I/O thread; switch to the other one."""
+        assert self._bounce is not None
+        index = self._current
+        data = memoryview(self._bounce.maps[index])
+        padded = -(-length // _BLOCK) * _BLOCK
+        if padded != length:
+            data[length:padded] = bytes(padded - length)
+        self._busy[index] = [self._hash_next(data[:length]), _IO.submit(self._write_all, data[:padded])]
+        self._size += length
+        self._current ^= 1
+        self._fill = 0
+        self._wait(self._current)
+
+    def _wait(self, index: int) -> None:
+        busy, self._busy[index] = self._busy[index], []
+        for future in busy:
+            future.result()
 
     def close(self) -> FileRecord:
         try:
-            os.fsync(self._file.fileno())
+            if self._bounce is not None:
+                if self._fill:
+                    self._flush(self._fill)
+                self._wait(0)
+                self._wait(1)
+                os.ftruncate(self._fd, self._size)  # drop the padding of the last block
+            os.fsync(self._fd)
         except OSError as err:
             raise _explain_os_error(err, self.path) from err
         finally:
-            self._finish_hash()
-            self._file.close()
-        return FileRecord(self._size, self._hash.hexdigest())
+            self._release()
+        return FileRecord(self._size, hashing.digest_string(self.algorithm, self._hash))
 
-    def _finish_hash(self) -> None:
+    def _release(self) -> None:
+        for index in (0, 1):
+            try:
+                self._wait(index)
+            except Exception:  # noqa: BLE001 - the first error is already being raised
+                pass
         if self._hashing is not None:
-            self._hashing.result()
+            try:
+                self._hashing.result()
+            except Exception:  # noqa: BLE001
+                pass
             self._hashing = None
+        if self._bounce is not None:
+            self._bounce.give_back()
+            self._bounce = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def abort(self) -> None:
-        self._finish_hash()
-        self._file.close()
+        self._release()
 
     def __enter__(self) -> "HashingWriter":
         return self
@@ -134,13 +250,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
-def read_hashed(path: Path, into: memoryview | None = None) -> FileRecord:
+def read_hashed(path: Path, into: memoryview | None = None, *, like: str | None = None) -> FileRecord:
     """Hash a file in one pass, reading chunk i+1 while chunk i is hashed.
 
     With ``into`` (a writable buffer of the file's size) the bytes are kept there, so a restore
-    reads each file exactly once; without it they are only hashed (``verify``).
+    reads each file exactly once; without it they are only hashed (``verify``). ``like`` is the
+    hash a record expects: the file is hashed with the same algorithm (default: the one for new files).
     """
-    h = hashlib.new(HASH_ALGORITHM)
+    algorithm = hashing.algorithm_of(like) if like is not None else hashing.default_algorithm()
+    h = hashing.new_hasher(algorithm)
     size = 0
     pending: Future[None] | None = None
     spare = [bytearray(_CHUNK), bytearray(_CHUNK)] if into is None else []
@@ -158,11 +276,11 @@ def read_hashed(path: Path, into: memoryview | None = None) -> FileRecord:
                 spare.reverse()
     if into is not None and size != len(into):
         raise EOFError(f"{path} has {size} bytes, expected {len(into)}")
-    return FileRecord(size, h.hexdigest())
+    return FileRecord(size, hashing.digest_string(algorithm, h))
 
 
-def hash_file(path: Path) -> FileRecord:
-    return read_hashed(path)
+def hash_file(path: Path, *, like: str | None = None) -> FileRecord:
+    return read_hashed(path, like=like)
 
 
 def commit_dir(tmp: Path, final: Path) -> None:

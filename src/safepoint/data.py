@@ -54,6 +54,22 @@ def _check_match(
             )
 
 
+def _checked_position(kind: str, state: dict[str, Any], length: int) -> tuple[int, int]:
+    """The saved (epoch, samples consumed), or IncompatibleState when out of range."""
+    epoch, consumed = int(state["epoch"]), int(state["samples_consumed"])
+    if epoch < 0 or not 0 <= consumed <= length:
+        raise IncompatibleState(
+            f"{kind} state out of range: epoch={epoch}, samples_consumed={consumed} "
+            f"(need epoch >= 0 and 0 <= samples_consumed <= length={length})")
+    return epoch, consumed
+
+
+def _endless(loader: Any) -> Iterator[Any]:
+    """Epoch after epoch of ``iter(loader)``, for step-based training loops."""
+    while True:
+        yield from iter(loader)
+
+
 class ResumableSampler(Sampler[int]):
     """Sampler whose position ``(epoch, index)`` can be saved and restored in O(1).
 
@@ -191,12 +207,7 @@ class ResumableLoader:
         if len(self) == 0:
             raise ValueError(f"an epoch of {self.length} samples with batch_size="
                              f"{self.batch_size}, drop_last={self.drop_last} has no batches")
-
-        def forever() -> Iterator[Any]:
-            while True:
-                yield from iter(self)
-
-        return forever()
+        return _endless(self)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "samples_consumed": self.samples_consumed,
@@ -209,10 +220,5 @@ class ResumableLoader:
                      {"length": self.length, "batch_size": self.batch_size, "seed": self.seed,
                       "shuffle": self.sampler.shuffle, "drop_last": self.drop_last},
                      ("epoch", "samples_consumed"))
-        epoch, consumed = int(state_dict["epoch"]), int(state_dict["samples_consumed"])
-        if epoch < 0 or not 0 <= consumed <= self.length:
-            raise IncompatibleState(
-                f"ResumableLoader state out of range: epoch={epoch}, samples_consumed={consumed} "
-                f"(need epoch >= 0 and 0 <= samples_consumed <= length={self.length})")
-        self.epoch, self.samples_consumed = epoch, consumed
+        self.epoch, self.samples_consumed = _checked_position("ResumableLoader", state_dict, self.length)
         self._generation += 1

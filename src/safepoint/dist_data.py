@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .data import ResumableSampler, _check_match, _derive_seed
+from .data import ResumableSampler, _check_match, _checked_position, _derive_seed, _endless
 from .errors import IncompatibleState
 
 __all__ = ["DistributedResumableLoader"]
@@ -118,12 +118,7 @@ class DistributedResumableLoader:
         if len(self) == 0:
             raise ValueError(f"an epoch of {self.length} samples has no full global batch of "
                              f"{self.batch_size} x {self.world_size} ranks")
-
-        def forever() -> Iterator[Any]:
-            while True:
-                yield from iter(self)
-
-        return forever()
+        return _endless(self)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "samples_consumed": self.samples_consumed, "seed": self.seed,
@@ -140,9 +135,4 @@ class DistributedResumableLoader:
         _check_match("DistributedResumableLoader", state_dict,
                      {"length": self.length, "seed": self.seed, "shuffle": self.sampler.shuffle},
                      ("epoch", "samples_consumed"))
-        epoch, consumed = int(state_dict["epoch"]), int(state_dict["samples_consumed"])
-        if epoch < 0 or not 0 <= consumed <= self.length:
-            raise IncompatibleState(
-                f"DistributedResumableLoader state out of range: epoch={epoch}, samples_consumed={consumed} "
-                f"(need epoch >= 0 and 0 <= samples_consumed <= length={self.length})")
-        self.epoch, self.samples_consumed = epoch, consumed
+        self.epoch, self.samples_consumed = _checked_position("DistributedResumableLoader", state_dict, self.length)

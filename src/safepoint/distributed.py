@@ -47,9 +47,10 @@ import torch.distributed as dist
 
 from . import errors, faults, layout, sharded, stateful
 from .catalog import CheckpointInfo, check_file, check_presence, read_run_meta
-from .commit import HASH_ALGORITHM, FileRecord, dump_json, fsync_dir, hash_file, remove_tree
+from .commit import FileRecord, dump_json, fsync_dir, hash_file, remove_tree
 from .disk import check_space, estimate_checkpoint_size, format_size
 from .errors import CorruptCheckpoint, IncompatibleState, InsufficientDiskSpace, SafepointError, SafepointWarning
+from .hashing import default_algorithm
 from .manifest import Manifest, library_versions, utc_now
 from .retention import budget_candidates
 
@@ -334,7 +335,7 @@ def _commit_leader(m: "CheckpointManager", ctx: DistContext, plan: _Plan, votes:
         digests = [v[3] for v in votes]
         replicated = [n for n in snap.rank_entries if len({d.get(n) for d in digests}) == 1]
         manifest = Manifest(
-            step=step, run_id=m.run_id, files=files, hash_algorithm=HASH_ALGORITHM, created=plan.created,
+            step=step, run_id=m.run_id, files=files, hash_algorithm=default_algorithm(), created=plan.created,
             committed=utc_now(), metrics=metrics, entries=[*snap.dcp_entries, *snap.rank_entries],
             world_size=ctx.world_size, versions=library_versions(),
             extra={sharded.SHARDING_KEY: {

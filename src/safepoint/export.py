@@ -7,7 +7,8 @@ output past a size in the Hugging Face layout (``model-00001-of-00002.safetensor
 ``model.safetensors.index.json``), and copies config and tokenizer files, so
 ``AutoModel.from_pretrained(out)`` loads it.
 
-Sources: a safepoint checkpoint (``step_N`` with a manifest; verified before it is read), or a
+Sources: a safepoint checkpoint (``step_N`` with a manifest, in any encoding: compressed, delta,
+8-bit moments; verified before it is read), or a
 Hugging Face ``checkpoint-N`` / model directory (``model.safetensors``, sharded safetensors, or
 ``pytorch_model.bin`` read with ``weights_only=True``).
 """
@@ -23,7 +24,9 @@ import torch
 
 from . import layout
 from .catalog import verify
+from .compact import load_entry
 from .disk import parse_size
+from .encoding import is_encoded, stored_file
 from .errors import SafepointError
 from .tensors import read_tensors, write_tensors
 
@@ -37,7 +40,9 @@ SIDECAR_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
 def load_weights(source: Path, *, entry: str = "model") -> dict[str, torch.Tensor]:
     """The model tensors of a safepoint or Hugging Face checkpoint, on the CPU."""
     if (source / layout.MANIFEST).exists():
-        verify(source)
+        manifest = verify(source)
+        if is_encoded(manifest) and stored_file(manifest, entry):  # compressed, delta, 8-bit: decoded there
+            return load_entry(source, manifest, entry)
     safepoint_file = source / layout.tensor_file_name(entry)
     candidates = [safepoint_file, source / "model.safetensors", source / "adapter_model.safetensors"]
     for file in candidates:

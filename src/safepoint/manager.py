@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -30,17 +31,20 @@ from typing import Any, Literal
 import torch
 
 from . import faults, layout, stateful
-from . import distributed
+from . import distributed, memtier
 from .async_save import BackgroundWriter, SaveHandle, StagingBuffers
 from .catalog import CheckpointInfo, check_file, check_presence, leftover_tmp_dirs, list_checkpoints, scan
 from .codec import Encoder, decode
-from .commit import (HASH_ALGORITHM, delete_checkpoint, dump_json, remove_tree, seal,
+from .commit import (delete_checkpoint, dump_json, remove_tree, seal,
                      write_bytes)
+from .compact import CheckpointEncoder, CompactOptions, load_entry
+from .encoding import is_encoded, is_tensor_file
 from .compat import require_fit
 from .disk import MinFree, check_space, estimate_checkpoint_size, format_size, parse_size, used_fraction
 from .errors import (CheckpointNotFound, CorruptCheckpoint, IncompatibleState, InsufficientDiskSpace,
                      RunDirectoryError, SafepointError, SafepointWarning, UnsupportedFormat)
 from .frozen import FROZEN_ENTRY, FrozenWeights
+from .hashing import default_algorithm
 from .guard import DivergenceError, DivergenceGuard
 from .lock import RunLock
 from .manifest import Manifest, library_versions, utc_now
@@ -48,10 +52,13 @@ from .mirror import MirrorConfig, open_mirror
 from .retention import RetentionPolicy, budget_candidates, plan_deletions
 from .runlog import RunLog
 from .signals import DEFAULT_SIGNALS, PreemptionWatcher
-from .tensors import read_tensors_verified, write_tensors
+from .tensors import read_tensors_verified
 
 log = logging.getLogger("safepoint")
 STATE_FORMAT_VERSION = 1
+# Set by `safepoint check-resume` (check_resume.py) for the script it runs twice.
+CHECK_DIR_ENV, CHECK_EVERY_ENV = "SAFEPOINT_CHECK_DIR", "SAFEPOINT_CHECK_EVERY"
+CHECK_STOP_ENV, CHECK_KILL_ENV = "SAFEPOINT_CHECK_STOP_AT", "SAFEPOINT_CHECK_KILL_AT"
 
 
 @dataclass
@@ -109,6 +116,15 @@ class CheckpointManager:
         mirror_keep: remote retention policies; None keeps every remote checkpoint.
         mirror_keep_local: once mirrored, keep only this many newest checkpoints locally.
         mirror_timeout: seconds ``close()`` waits for uploads; None waits until they are done.
+        compress: "zstd" to compress every tensor file (lossless; needs ``safepoint[compress]``).
+        delta_every: N >= 2: write a full checkpoint, then up to N-1 delta checkpoints that store only
+            the XOR of each tensor with that base, compressed (lossless; the base is kept while a
+            delta needs it).
+        quantize_optimizer: store Adam's ``exp_avg``/``exp_avg_sq`` in 8 bits (LOSSY, marked so in the
+            manifest); model weights are never quantised.
+        snapshot_every: under ``safepoint run --dir``, copy the state into the supervisor's shared
+            memory every this many steps; when the process dies, the supervisor commits the newest
+            copy as a checkpoint before restarting it. Default: ``safepoint run --snapshot-every``.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, every_steps: int | None = None,
@@ -120,7 +136,17 @@ class CheckpointManager:
                  signals: Iterable[str] = DEFAULT_SIGNALS, mirror: str | MirrorConfig | None = None,
                  mirror_options: Mapping[str, Any] | None = None,
                  mirror_keep: RetentionPolicy | Iterable[RetentionPolicy] | None = None,
-                 mirror_keep_local: int | None = None, mirror_timeout: float | None = 600.0) -> None:
+                 mirror_keep_local: int | None = None, mirror_timeout: float | None = 600.0,
+                 snapshot_every: int | None = None, compress: Literal["zstd"] | None = None,
+                 delta_every: int | None = None, quantize_optimizer: bool = False) -> None:
+        self._stop_at = self._kill_at = None
+        if os.environ.get(CHECK_DIR_ENV):  # run by check-resume: its scratch directory and save schedule,
+            # everything kept, plain files (lossless encodings off), no budget, mirror or evaluation hook;
+            # it may stop or kill the run at a step
+            directory, every_steps, every_seconds = os.environ[CHECK_DIR_ENV], int(os.environ.get(CHECK_EVERY_ENV, 1)), None
+            keep = max_disk = min_free = mirror = on_commit = compress = delta_every = None
+            self._stop_at, self._kill_at = (int(os.environ[v]) if os.environ.get(v) else None
+                                            for v in (CHECK_STOP_ENV, CHECK_KILL_ENV))
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
             raise ValueError(f"every_steps must be a positive int or None, got {every_steps!r}")
         if every_seconds is not None and not every_seconds > 0:
@@ -134,6 +160,7 @@ class CheckpointManager:
         self.disk_warn_at = disk_warn_at
         self.async_save = async_save
         self.trainable_only = trainable_only
+        self._compact = CompactOptions(compress=compress, delta_every=delta_every, quantize_optimizer=quantize_optimizer)
         self.on_commit = on_commit
         self.guard = guard
         self.rolled_back_to: int | None = None
@@ -155,7 +182,10 @@ class CheckpointManager:
 
         _prepare_directory(self.directory)
         # A multi-rank torch.distributed job: rank 0 alone locks, logs, collects debris and commits.
-        self._dist = distributed.DistContext.current(mirror=mirror, guard=guard, trainable_only=trainable_only)
+        self._dist = distributed.DistContext.current(mirror=mirror, guard=guard, trainable_only=trainable_only,
+                                                     compress=compress, delta_every=delta_every,
+                                                     quantize_optimizer=quantize_optimizer)
+        self._snapshots = memtier.attach(self.directory, snapshot_every, distributed=self._dist is not None)
         self._lock = RunLock(self.directory)
         if self._dist is not None and not self._dist.leader:
             self._log = self._dist.follow(self.directory)  # waits for rank 0 to open the run
@@ -232,7 +262,8 @@ class CheckpointManager:
                     raise
                 failed = err  # with a mirror, its copy of the step comes next
                 skipped.append(f"{path.name} ({err})")
-                warnings.warn(f"safepoint: skipping checkpoint {path}: {err}. Falling back to an older one",
+                fallback = "trying the mirror's copy of this step" if step is not None else "falling back to an older one"
+                warnings.warn(f"safepoint: skipping checkpoint {path}: {err}. {fallback.capitalize()}",
                               SafepointWarning, stacklevel=2)
                 self._log.event("skip_corrupt", checkpoint=path.name, reason=str(err))
                 continue
@@ -253,8 +284,10 @@ class CheckpointManager:
         # Every byte is checked against the manifest as it is read, before anything is applied.
         check_presence(path, manifest)
         for name, record in manifest.files.items():
-            if not name.endswith(layout.TENSOR_SUFFIX):
+            if not is_tensor_file(name):
                 check_file(path / name, record)
+        if manifest.parent is not None and self._mirror is not None:
+            self._mirror.fetch_base(manifest.parent)  # a delta's base, when only the mirror has it
         doc = json.loads((path / layout.STATE).read_bytes())
         if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
             raise CorruptCheckpoint(f"{path / layout.STATE} has no 'entries' mapping")
@@ -266,7 +299,10 @@ class CheckpointManager:
         for name, encoded in doc["entries"].items():
             tensor_file = path / layout.tensor_file_name(name)
             record = manifest.files.get(tensor_file.name)
-            tensors = read_tensors_verified(tensor_file, record) if record else {}
+            if is_encoded(manifest):  # compressed, delta or 8-bit files: see compact.py
+                tensors = load_entry(path, manifest, name)
+            else:
+                tensors = read_tensors_verified(tensor_file, record) if record else {}
             try:
                 saved[name] = decode(encoded, tensors)
             except (KeyError, ValueError, TypeError, AttributeError) as err:
@@ -306,6 +342,8 @@ class CheckpointManager:
     def _finish_restore(self, report: RestoreReport) -> int:
         self._restored = True
         self.restore_report = report
+        if self._snapshots is not None:  # from here on, training goes on from the restored step
+            self._snapshots.discard()
         if report.path is not None:
             self._resumed_from = self._last_saved = report.step
         for name in report.not_in_checkpoint:
@@ -340,7 +378,8 @@ class CheckpointManager:
                 self._roll_back(step, state, reason)
                 return False
         signal_name = self._watcher.received
-        due = (signal_name is not None
+        stop = self._stop_at is not None and step >= self._stop_at  # check-resume's last step
+        due = (signal_name is not None or stop
                or (self.every_steps is not None and step % self.every_steps == 0)
                or (self.every_seconds is not None and time.monotonic() - self._last_save_time >= self.every_seconds))
         if self._dist is not None:  # every rank decides alike: one tiny all_reduce per step
@@ -360,10 +399,15 @@ class CheckpointManager:
             warnings.warn(f"safepoint: save of step {step} failed, training continues: {err}",
                           SafepointWarning, stacklevel=2)
             self._log.event("save_failed", step=step, error=str(err))
+        if signal_name is None and not (saved and not self.async_save):  # not when just committed
+            self._snapshot_if_due(step, state, clean)
         if signal_name is not None:
             self.should_stop = True
             self._log.event("preempted", signal=signal_name, step=step)
             log.warning("safepoint: %s received; checkpoint for step %d is committed, stopping", signal_name, step)
+        self.should_stop = self.should_stop or stop
+        if self._kill_at is not None and step >= self._kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # check-resume's crash, at the step it chose
         return saved
 
     def save(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = None) -> CheckpointInfo:
@@ -416,6 +460,13 @@ class CheckpointManager:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         stateful.check_state(state)
         self._check_not_foreign()
+        encoded, tensor_sets = self._encode(state)
+        tensor_bytes = sum(t.numel() * t.element_size() for ts in tensor_sets.values() for t in ts.values())
+        self._ensure_space(step, estimate_checkpoint_size(tensor_bytes, len(tensor_sets) + 2))
+        return encoded, tensor_sets
+
+    def _encode(self, state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """Every entry's state dict (and the RNG streams) as JSON plus the tensors it refers to."""
         encoded, tensor_sets = {}, {}
         collected = stateful.collect(state)
         if self.trainable_only:
@@ -424,9 +475,34 @@ class CheckpointManager:
             encoder = Encoder(name)
             encoded[name] = encoder.encode(sd)
             tensor_sets[name] = encoder.tensors
-        tensor_bytes = sum(t.numel() * t.element_size() for ts in tensor_sets.values() for t in ts.values())
-        self._ensure_space(step, estimate_checkpoint_size(tensor_bytes, len(tensor_sets) + 2))
         return encoded, tensor_sets
+
+    def _snapshot_if_due(self, step: int, state: Mapping[str, Any], metrics: dict[str, float]) -> None:
+        """Copy the state into the supervisor's memory tier every ``snapshot_every`` steps (see memtier)."""
+        writer = self._snapshots
+        if writer is None or not writer.due(step):
+            return
+        started = time.monotonic()
+        try:
+            stateful.check_state(state)
+            self._check_not_foreign()
+            encoded, tensor_sets = self._encode(state)
+            meta = memtier.snapshot_meta(run_dir=self.directory, run_id=self.run_id, metrics=metrics,
+                                         entries=[n for n in encoded if n != stateful.RNG_ENTRY],
+                                         versions=library_versions(), max_disk=self.max_disk, min_free=self.min_free)
+            first = writer.nbytes == 0
+            size = writer.write(step, {"format_version": STATE_FORMAT_VERSION, "step": step, "entries": encoded},
+                                tensor_sets, meta)
+        except OSError as err:
+            if self.on_save_error == "raise":
+                raise
+            warnings.warn(f"safepoint: memory snapshot of step {step} failed, training continues: {err}",
+                          SafepointWarning, stacklevel=3)
+            self._log.event("snapshot_failed", step=step, error=str(err))
+            return
+        if first:  # once per process: what a snapshot costs here
+            self._log.event("snapshot", step=step, size=size, seconds=round(time.monotonic() - started, 4),
+                            every=writer.every)
 
     def _commit(self, step: int, encoded: dict[str, Any], tensor_sets: dict[str, dict[str, torch.Tensor]],
                 metrics: dict[str, float], started: float) -> CheckpointInfo:
@@ -537,18 +613,19 @@ class CheckpointManager:
         tmp.mkdir()
         try:
             files = {}
+            encoder = CheckpointEncoder(self._compact, self.directory, step)  # plain unless asked otherwise
             for name, tensors in tensor_sets.items():
                 if tensors:
-                    file_name = layout.tensor_file_name(name)
-                    files[file_name] = write_tensors(tmp / file_name, tensors)
+                    file_name, record = encoder.write(tmp, name, tensors, encoded[name])
+                    files[file_name] = record
             faults.reach("after_data")
             files[layout.STATE] = write_bytes(tmp / layout.STATE, dump_json(
                 {"format_version": STATE_FORMAT_VERSION, "step": step, "entries": encoded}))
             faults.reach("before_manifest")
-            manifest = Manifest(step=step, run_id=self.run_id, files=files, hash_algorithm=HASH_ALGORITHM,
+            manifest = Manifest(step=step, run_id=self.run_id, files=files, hash_algorithm=default_algorithm(),
                                 created=created, committed=utc_now(), metrics=metrics,
                                 entries=[n for n in encoded if n != stateful.RNG_ENTRY],
-                                versions=library_versions())
+                                versions=library_versions(), **encoder.manifest_fields())
             seal(tmp, final, dump_json(manifest.to_json()))
         except BaseException:
             remove_tree(tmp)
@@ -627,6 +704,8 @@ class CheckpointManager:
             if self._mirror is not None and self._mirror.finish():  # waits for uploads, warns about the rest
                 self._apply_retention()  # what is mirrored now may go (mirror_keep_local)
             self._watcher.uninstall()
+            if self._snapshots is not None:
+                self._snapshots.close()
             self._log.event("close", should_stop=self.should_stop)
             self._log.close()
             self._lock.release()

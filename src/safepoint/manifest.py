@@ -6,7 +6,9 @@ it reads is what was written. It is immutable once committed: facts that change 
 mirrored) live in ``run.json``.
 
 Format version 1 fields are documented in the README; readers accept any version up to
-``FORMAT_VERSION`` and refuse newer ones with an error that says to upgrade.
+``FORMAT_VERSION`` and refuse newer ones with an error that says to upgrade. Version 2 is
+version 1 plus encoded tensor files (compressed, delta, 8-bit moments; see ``compact.py``) and
+is written only for checkpoints that use them, so plain checkpoints stay readable by every version.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .commit import FileRecord
 from .errors import CorruptCheckpoint, UnsupportedFormat
 
 FORMAT = "safepoint.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this safepoint reads
+PLAIN_FORMAT_VERSION = 1  # what a checkpoint without encoded files is written as
 
 
 def utc_now() -> str:
@@ -53,7 +56,7 @@ class Manifest:
     parent: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = PLAIN_FORMAT_VERSION
 
     @property
     def total_size(self) -> int:

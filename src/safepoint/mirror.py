@@ -10,7 +10,7 @@ Uploading one checkpoint (``upload_checkpoint``, used by the background ``Mirror
 1. read the local manifest; if the remote manifest is byte-identical and every remote size matches,
    it is already mirrored (nothing is sent). A *different* remote manifest for the step (the step
    was saved again) is deleted first, so the old commit never names new data;
-2. each data file, a few at a time: one local read computes its sha256 (checked against the
+2. each data file, a few at a time: one local read computes its content hash (checked against the
    manifest: a damaged local file is never uploaded) and its S3 ETag; a remote object with the same
    size and ETag is kept (resumable), anything else is uploaded (s3fs uploads big files in parts and
    aborts the multipart upload on failure) and then checked: size, and the ETag where the store
@@ -48,7 +48,7 @@ from .commit import FileRecord, commit_dir, read_hashed, remove_tree, replace_di
 from .errors import CheckpointNotFound, CorruptCheckpoint, MirrorError, SafepointWarning, UnsupportedFormat
 from .lock import RunLock
 from .manifest import Manifest
-from .retention import RetentionPolicy, plan_deletions
+from .retention import RetentionPolicy, deletion_order, plan_deletions, with_bases
 from .storage import DEFAULT_PART_SIZE, Cancelled, RemoteFile, RetryPolicy, Storage, file_digest, is_transient
 
 log = logging.getLogger("safepoint")
@@ -77,7 +77,7 @@ class MirrorConfig:
         concurrency: files uploaded/downloaded at once.
         retry: backoff for transient errors, per storage operation.
         verify: "etag" (size, plus the MD5 ETag where the store has one), "size", or "full"
-            (download every uploaded file again and compare its sha256).
+            (download every uploaded file again and compare its hash).
         part_size: multipart upload part size in bytes (S3).
         probe: write and delete a tiny object at start-up, so a wrong URL or credentials fail at once.
     """
@@ -320,7 +320,7 @@ def upload_checkpoint(storage: Storage, run_dir: Path, step: int, *, concurrency
     def one(file_name: str, record: FileRecord) -> None:
         path = local / file_name
         key = f"{name}/{file_name}"
-        digest = _DIGESTS.submit(file_digest, path, storage.etag_part_size(record.size))
+        digest = _DIGESTS.submit(file_digest, path, storage.etag_part_size(record.size), like=record.hash)
         found = present.get(key)
         if found is not None and found.size == record.size:  # maybe there from an interrupted upload
             _check_local(path, record, digest.result())
@@ -341,7 +341,7 @@ def upload_checkpoint(storage: Storage, run_dir: Path, step: int, *, concurrency
         if not _content_ok(storage, key, storage.info(key), record, digest.result()[2], verify=verify,
                            trust_no_etag=True):
             raise MirrorError(f"{storage.url_of(key)} does not match {path} after the upload (expected {record.size} "
-                              f"bytes, sha256 {record.hash}); the checkpoint is not marked mirrored")
+                              f"bytes, hash {record.hash}); the checkpoint is not marked mirrored")
         with lock:
             result.uploaded.append(file_name)
             result.bytes_sent += record.size
@@ -360,7 +360,7 @@ def upload_checkpoint(storage: Storage, run_dir: Path, step: int, *, concurrency
 def _check_local(path: Path, record: FileRecord, digest: tuple[int, str, str]) -> None:
     size, sha, _ = digest
     if size != record.size or sha != record.hash:
-        raise CorruptCheckpoint(f"{path} does not match its manifest (size {size} vs {record.size}, sha256 "
+        raise CorruptCheckpoint(f"{path} does not match its manifest (size {size} vs {record.size}, hash "
                                 f"{sha} vs {record.hash}); the damaged checkpoint is not uploaded")
 
 
@@ -384,15 +384,15 @@ def _content_ok(storage: Storage, key: str, found: RemoteFile | None, record: Fi
     if verify == "size":
         return True
     if verify == "full":
-        return storage.sha256(key) == (record.size, record.hash)
+        return storage.content_hash(key, like=record.hash) == (record.size, record.hash)
     if found.etag:
         if found.etag == etag:
             return True
-        return storage.sha256(key) == (record.size, record.hash)
+        return storage.content_hash(key, like=record.hash) == (record.size, record.hash)
     if trust_no_etag:
         return True
     if storage.is_local:  # cheap to prove
-        return storage.sha256(key) == (record.size, record.hash)
+        return storage.content_hash(key, like=record.hash) == (record.size, record.hash)
     return False
 
 
@@ -425,7 +425,7 @@ def download_checkpoint(storage: Storage, step: int, run_dir: Path, *, concurren
     """Download a committed remote checkpoint into ``run_dir/step_N``, every file verified.
 
     Files go into ``step_N.tmp-<rand>/`` (an unfinished one for this step is reused: files already
-    there with the right size and hash are kept), each checked against the manifest's sha256 and
+    there with the right size and hash are kept), each checked against the manifest's hash and
     fsynced; the manifest is written last and the directory renamed into place (replacing a local
     copy of the step, which callers use only when that copy is damaged). Raises ``CheckpointNotFound``
     if the step has no remote manifest and ``CorruptCheckpoint`` naming the remote object that fails.
@@ -441,19 +441,19 @@ def download_checkpoint(storage: Storage, step: int, run_dir: Path, *, concurren
     try:
         def one(file_name: str, record: FileRecord) -> None:
             dest = tmp / file_name
-            if dest.exists() and dest.stat().st_size == record.size and read_hashed(dest).hash == record.hash:
+            if dest.exists() and dest.stat().st_size == record.size and read_hashed(dest, like=record.hash).hash == record.hash:
                 _emit(progress, "skip", step, file_name, record.size)
                 return
             _emit(progress, "file", step, file_name, record.size)
             part = tmp / f".{file_name}.part"
             key = f"{name}/{file_name}"
             storage.get_file(key, part, on_bytes=(lambda n: _emit(progress, "bytes", step, file_name, n)) if progress else None)
-            got = read_hashed(part)
+            got = read_hashed(part, like=record.hash)
             if got.size != record.size or got.hash != record.hash:
                 part.unlink(missing_ok=True)
                 raise CorruptCheckpoint(
                     f"mirror object {storage.url_of(key)} fails its check against the remote manifest: expected "
-                    f"{record.size} bytes with sha256 {record.hash}, got {got.size} bytes with sha256 {got.hash} "
+                    f"{record.size} bytes with hash {record.hash}, got {got.size} bytes with hash {got.hash} "
                     "(the object was modified or damaged on the mirror)")
             _fsync_file(part)
             part.replace(dest)
@@ -663,7 +663,8 @@ class Mirror:
 
     def _pass(self) -> None:
         local = list_checkpoints(self.run_dir)
-        todo = sorted(self.unmirrored(local), reverse=True)
+        # Newest first, but a delta's base before the delta, so the mirror never holds a delta without it.
+        todo = deletion_order(self.unmirrored(local), local)[::-1]
         if todo and self.config.keep:
             todo = self._drop_unwanted(local, todo)
         for step in todo:
@@ -831,6 +832,13 @@ class Mirror:
                 if fetched is not None:
                     yield fetched
 
+    def fetch_base(self, step: int) -> None:
+        """Download ``step``, the base of a delta being restored, when only the mirror has it.
+
+        Failures are logged and left to the restore, which then refuses the delta and falls back."""
+        if not (self.run_dir / layout.step_dir_name(step) / layout.MANIFEST).exists():
+            self._fetch(step)
+
     def _fetch(self, step: int) -> tuple[Path, Any] | None:
         dest = self.run_dir / layout.step_dir_name(step)
         try:
@@ -862,7 +870,7 @@ def push(local_dir: str | Path, url: str, *, steps: Iterable[int] | None = None,
          options: Mapping[str, Any] | None = None, progress: ProgressCallback | None = None,
          concurrency: int = 4, verify: Verify = "etag", retry: RetryPolicy | None = None,
          part_size: int = DEFAULT_PART_SIZE) -> TransferReport:
-    """Upload committed checkpoints of ``local_dir`` (all, or ``steps``) to the mirror at ``url``.
+    """Upload committed checkpoints of ``local_dir`` (all, or ``steps``; a delta with its base) to the mirror at ``url``.
 
     Resumable: files already on the mirror with the right size and hash are not sent again, and a
     checkpoint whose remote manifest matches is skipped. Each checkpoint is committed remotely by
@@ -879,6 +887,7 @@ def push(local_dir: str | Path, url: str, *, steps: Iterable[int] | None = None,
             have = ", ".join(str(c.step) for c in infos) or "none"
             raise CheckpointNotFound(f"no committed checkpoint for step(s) {sorted(missing)} in {local_dir} "
                                      f"(committed: {have})")
+        wanted = with_bases(wanted, infos)  # a delta is pushed with its base
         infos = [c for c in infos if c.step in wanted]
     storage = Storage(url, options, retry=retry, part_size=part_size)
     storage.probe()
@@ -904,8 +913,8 @@ def pull(url: str, local_dir: str | Path, *, steps: Iterable[int] | None = None,
          concurrency: int = 4, retry: RetryPolicy | None = None) -> TransferReport:
     """Download committed checkpoints from the mirror at ``url`` into ``local_dir``.
 
-    All of them, ``steps``, or only the newest (``latest=True``). Every file is verified against
-    the remote manifest's sha256 before the checkpoint is committed locally (tmp dir, then rename);
+    All of them, ``steps``, or only the newest (``latest=True``); a delta comes with its base. Every file is verified against
+    the remote manifest's hashes before the checkpoint is committed locally (tmp dir, then rename);
     a remote object that fails is reported (``report.failed``) and nothing of that step is
     committed. Resumable: local checkpoints identical to the remote ones are skipped (after
     verifying them), and files of an interrupted pull are reused when their hash matches. Takes the
@@ -927,10 +936,12 @@ def pull(url: str, local_dir: str | Path, *, steps: Iterable[int] | None = None,
             have = ", ".join(str(r.step) for r in remote) or "none"
             raise CheckpointNotFound(f"no committed checkpoint for step(s) {sorted(missing)} at {url} "
                                      f"(committed there: {have})")
+        wanted = with_bases(wanted, [r.info() for r in remote])  # a delta is pulled with its base
         remote = [r for r in remote if r.step in wanted]
         report.failed = {s: m for s, m in report.failed.items() if s in wanted}
     elif latest:
-        remote = remote[-1:]
+        wanted = with_bases({remote[-1].step}, [r.info() for r in remote]) if remote else set()
+        remote = [r for r in remote if r.step in wanted]
         report.failed = {}
     local_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(local_dir)
@@ -986,7 +997,7 @@ def _local_copy_matches(final: Path, remote: RemoteCheckpoint) -> bool:
     for name, rec in remote.manifest.files.items():
         path = final / name
         try:
-            if path.stat().st_size != rec.size or read_hashed(path).hash != rec.hash:
+            if path.stat().st_size != rec.size or read_hashed(path, like=rec.hash).hash != rec.hash:
                 return False
         except FileNotFoundError:
             return False

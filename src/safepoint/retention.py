@@ -5,7 +5,10 @@ set no policy can release: the newest committed checkpoint, the one the run resu
 ones, the best checkpoint by every metric a ``KeepBest`` tracks, and (with a mirror) every one not
 yet mirrored. Retention runs only after a
 new checkpoint is committed, so a checkpoint still being written is never counted and keeping one
-(``KeepLast(1)``) is safe.
+(``KeepLast(1)``) is safe. Whatever is kept keeps its base too: a delta checkpoint (``delta.py``)
+is useless without the full checkpoint it was encoded against (``with_bases``), and deletions run
+in ``deletion_order``, every delta before its base, so a crash between two deletions never leaves
+a delta without its base.
 
 The disk budget (``disk.py``) is a hard cap: it may delete what the soft policies would keep
 (oldest first) but never the protected set.
@@ -119,7 +122,39 @@ def protected_steps(checkpoints: Sequence[CheckpointInfo], *, resumed_from: int 
     for policy in policies:
         if isinstance(policy, KeepBest):
             steps |= {c.step for c in policy.ranked(checkpoints)[:1]}
-    return steps
+    return with_bases(steps, checkpoints)
+
+
+def with_bases(steps: Iterable[int], checkpoints: Sequence[CheckpointInfo]) -> set[int]:
+    """``steps`` plus the base of every delta among them (and its base, were bases ever deltas)."""
+    parent = {c.step: c.parent for c in checkpoints}
+    out = set(steps)
+    todo = list(out)
+    while todo:
+        base = parent.get(todo.pop())
+        if base is not None and base in parent and base not in out:
+            out.add(base)
+            todo.append(base)
+    return out
+
+
+def deletion_order(steps: Iterable[int], checkpoints: Sequence[CheckpointInfo]) -> list[int]:
+    """``steps`` oldest first, except that every base comes after all of its deltas among them."""
+    steps = set(steps)
+    children: dict[int, list[int]] = {}
+    for c in checkpoints:
+        if c.step in steps and c.parent in steps and c.parent != c.step:
+            children.setdefault(c.parent, []).append(c.step)
+    memo: dict[int, tuple[int, int]] = {}
+
+    def reach(step: int) -> tuple[int, int]:  # (newest step among it and its deltas, height above them)
+        if step not in memo:
+            memo[step] = (step, 0)  # guards against a cycle in damaged metadata
+            below = [reach(child) for child in children.get(step, [])]
+            memo[step] = (max([step] + [b[0] for b in below]), 1 + max((b[1] for b in below), default=-1))
+        return memo[step]
+
+    return sorted(steps, key=lambda s: (*reach(s), s))
 
 
 def plan_deletions(checkpoints: Sequence[CheckpointInfo], policies: Iterable[RetentionPolicy],
@@ -141,6 +176,7 @@ def plan_deletions(checkpoints: Sequence[CheckpointInfo], policies: Iterable[Ret
         keep |= policy.keep(ordered)
     if not policies:
         keep |= {c.step for c in ordered}
+    keep = with_bases(keep, ordered)
     reason = "not kept by " + ", ".join(map(repr, policies))
     plan = {c.step: Deletion(c.step, reason) for c in ordered if c.step not in keep}
     if keep_local is not None:
@@ -149,7 +185,9 @@ def plan_deletions(checkpoints: Sequence[CheckpointInfo], policies: Iterable[Ret
             if c.mirrored and c.step not in protected and c.step not in newest and c.step not in plan:
                 plan[c.step] = Deletion(c.step, f"mirrored; the local cache keeps the newest {keep_local} "
                                                 "(mirror_keep_local)")
-    return [plan[s] for s in sorted(plan)]
+        for step in with_bases({c.step for c in ordered if c.step not in plan}, ordered) & set(plan):
+            del plan[step]  # the base of a delta that stays
+    return [plan[s] for s in deletion_order(plan, ordered)]
 
 
 def steps_to_delete(checkpoints: Sequence[CheckpointInfo], policies: Iterable[RetentionPolicy],
@@ -159,10 +197,12 @@ def steps_to_delete(checkpoints: Sequence[CheckpointInfo], policies: Iterable[Re
 
 def budget_candidates(checkpoints: Sequence[CheckpointInfo], policies: Iterable[RetentionPolicy],
                       *, resumed_from: int | None = None, unmirrored: Iterable[int] = ()) -> list[CheckpointInfo]:
-    """What the disk budget may delete, in order: oldest first, never the protected set."""
+    """What the disk budget may delete, in order: oldest first (a base after its deltas), never
+    the protected set (which holds the base of every protected delta)."""
     ordered = sorted(checkpoints, key=lambda c: c.step)
     protected = protected_steps(ordered, resumed_from=resumed_from, policies=policies, unmirrored=unmirrored)
-    return [c for c in ordered if c.step not in protected]
+    by_step = {c.step: c for c in ordered}
+    return [by_step[s] for s in deletion_order((c.step for c in ordered if c.step not in protected), ordered)]
 
 
 def _check_positive_int(what: str, value: object) -> None:

@@ -21,10 +21,11 @@ from typing import Any, Literal
 
 from . import hfdir, layout
 from .catalog import CheckpointInfo, leftover_tmp_dirs, list_checkpoints, read_run_meta, scan, verify
+from .encoding import describe as describe_encoding, stored_file
 from .disk import format_size, parse_size, tree_size
 from .errors import CheckpointNotFound, CorruptCheckpoint, RunDirectoryError, UnsupportedFormat
 from .manifest import Manifest, read_manifest
-from .retention import KeepBest, RetentionPolicy, protected_steps
+from .retention import KeepBest, RetentionPolicy, protected_steps, with_bases
 
 Kind = Literal["safepoint", "hf"]
 # Metric names whose direction is clear enough to flag a best checkpoint without being told.
@@ -75,10 +76,12 @@ class RunView:
         steps = protected_steps(self.checkpoints, resumed_from=self.resumed_from, policies=policies)
         if self.trainer_best is not None and any(c.step == self.trainer_best for c in self.checkpoints):
             steps.add(self.trainer_best)
-        return steps
+        return with_bases(steps, self.checkpoints)
 
     def protection(self, policies: Iterable[RetentionPolicy] = ()) -> dict[int, list[str]]:
-        """Why each protected step is protected, for messages (``protected`` is the authority)."""
+        """Why each protected step is protected, for messages (``protected`` is the authority), and
+        the base of every delta: deleting a base on its own would orphan its deltas (a prune deletes
+        a base only after them)."""
         policies = list(policies)
         protected = self.protected(policies)
         why: dict[int, list[str]] = {}
@@ -93,7 +96,12 @@ class RunView:
             why.setdefault(step, []).append(f"best({metric})")
         if self.trainer_best in protected:
             why.setdefault(self.trainer_best, []).append("best(trainer)")
-        return {step: reasons for step, reasons in sorted(why.items()) if step in protected}
+        out = {step: reasons for step, reasons in sorted(why.items()) if step in protected}
+        present = {c.step for c in self.checkpoints}
+        for c in self.checkpoints:
+            if c.parent in present:
+                out.setdefault(c.parent, []).append(f"base of delta {c.step}")
+        return dict(sorted(out.items()))
 
 
 def is_committed(info: CheckpointInfo) -> bool:
@@ -186,6 +194,8 @@ def flags(view: RunView, info: CheckpointInfo, best: dict[str, int]) -> list[str
         out.append("resumed-from")
     if info.path in view.corrupt:
         out.append("corrupt")
+    if info.parent is not None:
+        out.append(f"delta(of {info.parent})")
     return out
 
 
@@ -226,8 +236,8 @@ def details(view: RunView, step: int) -> dict[str, Any]:
         doc.pop("files")
         out["manifest"] = doc
         out["files"] = [{"name": n, "size": r.size, "hash": r.hash} for n, r in manifest.files.items()]
-        out["entries"] = [{"name": e, "file": f if (f := layout.tensor_file_name(e)) in manifest.files else None}
-                          for e in manifest.entries]
+        out["entries"] = [{"name": e, "file": stored_file(manifest, e)} for e in manifest.entries]
+        out["encoding"] = describe_encoding(manifest)
     if view.kind == "hf":
         if manifest is None:
             out["files"] = [{"name": str(p.relative_to(path)), "size": p.stat().st_size, "hash": None}

@@ -34,6 +34,8 @@ from . import layout
 from .catalog import verify
 from .codec import Encoder, decode
 from .commit import fsync_dir
+from .compact import load_entry
+from .encoding import is_encoded
 from .errors import CorruptCheckpoint, IncompatibleState, SafepointError
 from .manifest import read_manifest
 from .tensors import read_tensors, write_tensors
@@ -337,6 +339,8 @@ def load_consolidated(checkpoint: str | os.PathLike[str], entry: str = "model", 
     """
     path = Path(checkpoint)
     manifest = verify(path) if verify_files else read_manifest(path)
+    if is_encoded(manifest):  # single-process, compressed, delta or 8-bit files
+        return load_entry(path, manifest, entry)
     if SHARDING_KEY not in manifest.extra:
         file = path / layout.tensor_file_name(entry)
         if not file.exists():

@@ -3,7 +3,7 @@
 ``Storage(url, options)`` roots an fsspec filesystem at a URL (``s3://bucket/prefix``, ``file:///path``,
 or any other fsspec protocol) and offers the handful of operations a mirror needs, with keys
 relative to that root: ``put_file``, ``put_bytes``, ``get_file``, ``get_bytes``, ``info``,
-``exists``, ``size``, ``ls``, ``find``, ``rm``, ``sha256`` and ``probe``.
+``exists``, ``size``, ``ls``, ``find``, ``rm``, ``content_hash`` and ``probe``.
 
 Every operation is retried on *transient* errors — connection refused or reset, timeouts, HTTP 5xx,
 throttling — with exponential backoff and jitter; anything else (credentials refused, no such bucket,
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import hashing
 from .errors import MirrorError, TransientStorageError
 
 log = logging.getLogger("safepoint")
@@ -362,16 +363,21 @@ class Storage:
 
         self.call(f"delete {self.url_of(key)}", attempt)
 
-    def sha256(self, key: str) -> tuple[int, str]:
-        """Download an object and return its (size, sha256): the full proof of its content."""
+    def content_hash(self, key: str, *, like: str | None = None) -> tuple[int, str]:
+        """Download an object and return its (size, hash): the full proof of its content.
+
+        The hash uses the algorithm of ``like`` (a manifest record's hash), as ``hashing`` formats it.
+        """
+        algorithm = hashing.algorithm_of(like) if like is not None else hashing.default_algorithm()
+
         def attempt() -> tuple[int, str]:
-            h = hashlib.sha256()
+            h = hashing.new_hasher(algorithm)
             size = 0
             with self.fs.open(self.path(key), "rb", block_size=_CHUNK) as f:
                 while chunk := f.read(_CHUNK):
                     h.update(chunk)
                     size += len(chunk)
-            return size, h.hexdigest()
+            return size, hashing.digest_string(algorithm, h)
 
         return self.call(f"read {self.url_of(key)}", attempt)
 
@@ -537,13 +543,14 @@ def _s3_defaults(options: dict[str, Any]) -> None:
             options["endpoint_url"] = endpoint
 
 
-def file_digest(path: Path | str, part_size: int | None) -> tuple[int, str, str]:
-    """One read of a local file: its (size, sha256, expected S3 ETag).
+def file_digest(path: Path | str, part_size: int | None, *, like: str | None = None) -> tuple[int, str, str]:
+    """One read of a local file: its (size, content hash like ``like``'s, expected S3 ETag).
 
     The ETag is the MD5 of the file for a single-part upload, and for a multipart upload with parts
     of ``part_size`` bytes the MD5 of the concatenated part MD5s followed by ``-<parts>``.
     """
-    sha = hashlib.sha256()
+    algorithm = hashing.algorithm_of(like) if like is not None else hashing.default_algorithm()
+    sha = hashing.new_hasher(algorithm)
     whole = hashlib.md5(usedforsecurity=False)
     part = hashlib.md5(usedforsecurity=False)
     part_digests: list[bytes] = []
@@ -571,4 +578,4 @@ def file_digest(path: Path | str, part_size: int | None) -> tuple[int, str, str]
         if in_part:
             part_digests.append(part.digest())
         etag = f"{hashlib.md5(b''.join(part_digests), usedforsecurity=False).hexdigest()}-{len(part_digests)}"
-    return size, sha.hexdigest(), etag
+    return size, hashing.digest_string(algorithm, sha), etag

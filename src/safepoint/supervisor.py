@@ -13,7 +13,13 @@ on, no idea whether a restart made progress, and a signal from the platform (SIG
 * stops a crash loop: ``crash_loop`` consecutive crashes without a new committed checkpoint in
   ``run_dir`` (without a run directory only ``max_restarts`` applies);
 * appends every start, exit (code or signal), restart and stop to the run's ``events.jsonl`` in
-  the same JSON-lines form as ``RunLog``, so ``safepoint serve`` shows the restart history.
+  the same JSON-lines form as ``RunLog``, so ``safepoint serve`` shows the restart history;
+* with a run directory, owns the memory tier (``memtier``): shared memory the trainer snapshots
+  its state into every few steps; when the trainer dies, the newest snapshot is committed as a
+  checkpoint before the restart, so a SIGKILL costs a few steps instead of everything since the
+  last disk save;
+* with ``on_commit``, evaluates every new checkpoint with a command (``commit_hook``) and stores
+  the result as that checkpoint's metrics, for ``KeepBest``.
 
 The child needs nothing but ``CheckpointManager.restore`` to resume. It runs in its own session
 (a terminal's Ctrl-C reaches it once, through the supervisor) and, on Linux, dies with the
@@ -37,7 +43,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import layout
+from . import layout, memtier
+from .commit_hook import CommitHook
 from .errors import SafepointError
 from .manifest import utc_now
 
@@ -115,18 +122,34 @@ class Supervisor:
         crash_loop: stop after this many consecutive crashes without a new checkpoint (needs run_dir).
         env: the child's environment (default: this process's).
         echo: where messages go (default: stderr, prefixed ``safepoint run:``).
+        snapshot_dir: where the memory tier lives (needs run_dir): a tmpfs, default ``/dev/shm``.
+        snapshot_every: exported to the child as ``SAFEPOINT_SNAPSHOT_EVERY``, the default of its
+            ``CheckpointManager(snapshot_every=...)``; None leaves it to the script.
+        on_commit: a command run for each new checkpoint (``{path}``, ``{step}``, ``{run_dir}``
+            replaced); its last line of output is stored as that checkpoint's metrics.
     """
 
     def __init__(self, command: Sequence[str], *, run_dir: str | os.PathLike[str] | None = None,
                  max_restarts: int | None = 10, backoff: Backoff = Backoff(), grace: float = 30.0,
                  crash_loop: int = 3, env: dict[str, str] | None = None,
-                 echo: Callable[[str], None] | None = None, rng: random.Random | None = None) -> None:
+                 echo: Callable[[str], None] | None = None, rng: random.Random | None = None,
+                 snapshot_dir: str | os.PathLike[str] | None = None, snapshot_every: int | None = None,
+                 on_commit: str | None = None) -> None:
         if not command:
             raise ValueError("no command to run: give it after '--', e.g. safepoint run -- python train.py")
         if max_restarts is not None and max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0 or None, got {max_restarts}")
         if crash_loop < 1:
             raise ValueError(f"crash_loop must be >= 1, got {crash_loop}")
+        if run_dir is None and (snapshot_every is not None or snapshot_dir is not None or on_commit):
+            raise ValueError("--snapshot-every, --snapshot-dir and --on-commit need --dir RUN_DIR: the run "
+                             "directory the command checkpoints into")
+        if snapshot_every is not None and snapshot_every < 1:
+            raise ValueError(f"--snapshot-every must be >= 1, got {snapshot_every}")
+        if snapshot_dir is not None:
+            memtier.check_parent(Path(snapshot_dir))
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else memtier.default_parent()
+        self.snapshot_every = snapshot_every
         self.command = [str(c) for c in command]
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.max_restarts = max_restarts
@@ -139,6 +162,9 @@ class Supervisor:
         self._proc: subprocess.Popen[bytes] | None = None
         self._signal: int | None = None
         self._deadline: float | None = None
+        self._tier: memtier.MemoryTier | None = None
+        self._hook = None if not on_commit else CommitHook(on_commit, self.run_dir, event=self.event,
+                                                           echo=self.echo, env=env)
 
     # ---------------------------------------------------------------- events and progress
 
@@ -195,7 +221,12 @@ class Supervisor:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         parent = os.getpid()
-        return subprocess.Popen(self.command, env=self.env, start_new_session=True,
+        env = dict(self.env if self.env is not None else os.environ)
+        if self._tier is not None:
+            env.update(self._tier.env())
+        if self.snapshot_every is not None:
+            env[memtier.ENV_EVERY] = str(self.snapshot_every)
+        return subprocess.Popen(self.command, env=env, start_new_session=True,
                                 preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform == "linux" else None)
 
     def _wait(self, proc: subprocess.Popen[bytes]) -> tuple[int, bool]:
@@ -223,6 +254,8 @@ class Supervisor:
         """Supervise until done; return the exit status for the supervisor itself."""
         previous = self._install()
         try:
+            if self.run_dir is not None:
+                self._open_tier()
             return self._run()
         finally:
             for signum, handler in previous.items():
@@ -231,12 +264,54 @@ class Supervisor:
             if proc is not None and proc.poll() is None:  # an exception in here: leave no orphan
                 _kill_group(proc)
                 proc.wait()
+            if self._hook is not None:
+                self._hook.stop(drain=False)
+            if self._tier is not None:
+                self._tier.close()
+                self._tier = None
+
+    def _open_tier(self) -> None:
+        assert self.run_dir is not None
+        try:
+            self._tier = memtier.MemoryTier.create(self.run_dir, self.snapshot_dir)
+        except (OSError, ValueError) as err:  # training still works, with disk checkpoints only
+            self.echo(f"no memory tier (snapshots are off): cannot create it in {self.snapshot_dir}: {err}")
+
+    def _persist_snapshot(self) -> None:
+        """After a crash: commit the dead child's newest memory snapshot if it is ahead of the disk."""
+        if self._tier is None:
+            return
+        try:
+            result = self._tier.persist_newest()
+        except (OSError, SafepointError) as err:
+            self.echo(f"could not commit the memory snapshot: {err}")
+            self.event("snapshot_not_persisted", reason=str(err))
+            return
+        if result.step is not None:
+            self.echo(f"committed the memory snapshot of step {result.step} ({result.size / 1e6:.1f} MB in "
+                      f"{result.seconds:.2f}s)")
+            self.event("snapshot_persisted", step=result.step, size=result.size, seconds=round(result.seconds, 3))
+        elif result.reason:
+            what = "" if result.snapshot_step is None else f" of step {result.snapshot_step}"
+            self.echo(f"memory snapshot{what} not committed: {result.reason}")
+            self.event("snapshot_not_persisted", step=result.snapshot_step, reason=result.reason)
+
+    def _exit(self, code: int, reason: str, **fields: Any) -> int:
+        """Finish the evaluations that are due (not after a signal), log the exit, return ``code``."""
+        if self._hook is not None:
+            self._hook.stop(drain=reason != "signal")
+        self.event("supervisor_exit", code=code, reason=reason, **fields)
+        return code
 
     def _run(self) -> int:
         seen = self.checkpoints()
         self.event("supervisor_start", command=self.command, max_restarts=self.max_restarts,
                    crash_loop=self.crash_loop if self.run_dir else None, grace=self.grace,
-                   backoff=[self.backoff.base, self.backoff.max], newest_step=_newest(seen))
+                   backoff=[self.backoff.base, self.backoff.max], newest_step=_newest(seen),
+                   memory_tier=str(self._tier.path) if self._tier else None,
+                   snapshot_every=self.snapshot_every, on_commit=self._hook.argv if self._hook else None)
+        if self._hook is not None:
+            self._hook.start(skip=_evaluated(self.run_dir))
         starts = failures = stalls = 0
         while True:
             starts += 1
@@ -245,8 +320,7 @@ class Supervisor:
                 proc = self._proc = self._spawn()
             except OSError as err:
                 self.echo(f"cannot start {self.command[0]!r}: {err}")
-                self.event("supervisor_exit", code=127, reason="cannot start", error=str(err))
-                return 127
+                return self._exit(127, "cannot start", error=str(err))
             if self._signal is not None:  # arrived while the child was being created
                 self._on_signal(self._signal, None)
             self.event("child_start", n=starts, child_pid=proc.pid, resume_step=resume)
@@ -254,6 +328,8 @@ class Supervisor:
                       + (f", newest checkpoint: step {resume}" if resume is not None else ""))
             began = time.monotonic()
             rc, killed = self._wait(proc)
+            if rc != 0:
+                self._persist_snapshot()  # before anything reads the run: it is a checkpoint like the others
             now = self.checkpoints()
             progress = bool(now - seen)
             seen = now
@@ -265,12 +341,10 @@ class Supervisor:
             if self._signal is not None:
                 name = signal.Signals(self._signal).name
                 self.echo(f"child {describe_exit(rc)} after {name}; not restarting")
-                self.event("supervisor_exit", code=status, reason="signal", signal=name)
-                return status
+                return self._exit(status, "signal", signal=name)
             if rc == 0:
                 self.echo(f"child exited 0 after {starts} start{'s' if starts > 1 else ''}; done")
-                self.event("supervisor_exit", code=0, reason="done")
-                return 0
+                return self._exit(0, "done")
             failures = 1 if progress else failures + 1
             stalls = 0 if progress else stalls + 1
             what = f"child {starts} (pid {proc.pid}) {describe_exit(rc)}"
@@ -280,13 +354,11 @@ class Supervisor:
                        "cause (see the child's output above) and start again")
                 self.echo(msg)
                 self.event("crash_loop", crashes=stalls, newest_step=_newest(now), message=msg)
-                self.event("supervisor_exit", code=status or 1, reason="crash_loop")
-                return status or 1
+                return self._exit(status or 1, "crash_loop")
             if self.max_restarts is not None and starts > self.max_restarts:
                 self.echo(f"{what}; giving up after {self.max_restarts} restart"
                           f"{'s' if self.max_restarts != 1 else ''} (--max-restarts)")
-                self.event("supervisor_exit", code=status or 1, reason="max_restarts")
-                return status or 1
+                return self._exit(status or 1, "max_restarts")
             delay = self.backoff.delay(failures, self.rng)
             limit = f" of {self.max_restarts}" if self.max_restarts is not None else ""
             self.echo(f"{what}; restart {starts}{limit} in {delay:.3g}s"
@@ -297,8 +369,17 @@ class Supervisor:
             if self._sleep(delay):
                 name = signal.Signals(self._signal).name
                 self.echo(f"{name} while waiting to restart; stopping")
-                self.event("supervisor_exit", code=128 + self._signal, reason="signal", signal=name)
-                return 128 + self._signal
+                return self._exit(128 + self._signal, "signal", signal=name)
+
+
+def _evaluated(run_dir: Path | None) -> set[int]:
+    """Steps that already have metrics stored after their commit (an earlier evaluation)."""
+    from .catalog import read_run_meta
+
+    if run_dir is None:
+        return set()
+    later = read_run_meta(run_dir).get("metrics", {})
+    return {int(step) for step in later if str(step).isdigit()} if isinstance(later, dict) else set()
 
 
 def _newest(checkpoints: set[tuple[int, str]]) -> int | None:

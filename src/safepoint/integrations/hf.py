@@ -5,7 +5,8 @@ directory that ``resume_from_checkpoint=True`` picks and then fails on. ``Safepo
 makes a ``checkpoint-N`` count only once safepoint has fsynced every file in it and written its
 ``manifest.json`` (sizes + hashes) last, atomically; ``latest_checkpoint`` returns the newest
 committed *and verified* one. Around that: retention and the disk budget (checked before the
-Trainer starts writing), and SIGTERM/SIGINT/SIGUSR1 turned into save-then-stop.
+Trainer starts writing), and SIGTERM/SIGINT/SIGUSR1 turned into save-then-stop. With
+``async_save=True`` training goes on while a checkpoint is written (``hf_async``).
 
     trainer = Trainer(..., callbacks=[SafepointCallback(keep=[KeepLast(2)], max_disk="20GB")])
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
@@ -27,14 +28,16 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .. import faults, layout
 from ..catalog import CheckpointInfo, read_run_meta, verify
 from ..compat import require_fit
-from ..commit import (HASH_ALGORITHM, delete_checkpoint, dump_json, fsync_dir, hash_file, write_bytes)
+from ..commit import (delete_checkpoint, dump_json, fsync_dir, hash_file, write_bytes)
 from ..disk import MinFree, check_space, format_size, parse_size
+from ..hashing import default_algorithm
 from ..errors import CorruptCheckpoint, InsufficientDiskSpace, SafepointWarning, UnsupportedFormat
 from ..lock import RunLock
 from ..manifest import Manifest, library_versions, read_manifest, utc_now
 from ..retention import RetentionPolicy, budget_candidates, plan_deletions
 from ..runlog import RunLog
 from ..signals import DEFAULT_SIGNALS, PreemptionWatcher
+from .hf_async import StagedSaves, find_trainer, publish
 
 log = logging.getLogger("safepoint")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -131,7 +134,7 @@ def commit_checkpoint_dir(path: Path, *, step: int, run_id: str, metrics: dict[s
             files[rel] = hash_file(file)
         fsync_dir(Path(root))
     faults.reach("before_manifest")
-    manifest = Manifest(step=step, run_id=run_id, files=files, hash_algorithm=HASH_ALGORITHM,
+    manifest = Manifest(step=step, run_id=run_id, files=files, hash_algorithm=default_algorithm(),
                         created=utc_now(), committed=utc_now(), metrics=metrics, versions=library_versions())
     tmp = path / f".manifest.tmp-{os.getpid()}"
     write_bytes(tmp, dump_json(manifest.to_json()))
@@ -149,12 +152,18 @@ class SafepointCallback(TrainerCallback):
         max_disk / min_free: the disk budget, checked before the Trainer starts a save.
         on_save_error: "raise" (default) or "warn": skip a save that does not fit and train on.
         signals: signal names that mean "save at the next step, then stop".
+        async_save: training goes on while a checkpoint is written: the Trainer's save goes to
+            a staging directory (RAM when it fits) and safepoint's background writer commits it
+            as ``checkpoint-N`` (see ``hf_async``). Same guarantees; one save in flight.
+        staging_dir: where async saves are staged (default: ``/dev/shm`` when RAM has room,
+            else a hidden directory in ``output_dir``).
     """
 
     def __init__(self, *, keep: RetentionPolicy | Iterable[RetentionPolicy] | None = None,
                  max_disk: int | str | None = None, min_free: int | str | None = None,
                  on_save_error: Literal["raise", "warn"] = "raise",
-                 signals: Iterable[str] = DEFAULT_SIGNALS) -> None:
+                 signals: Iterable[str] = DEFAULT_SIGNALS, async_save: bool = False,
+                 staging_dir: str | os.PathLike[str] | None = None) -> None:
         if on_save_error not in ("raise", "warn"):
             raise ValueError(f"on_save_error must be 'raise' or 'warn', got {on_save_error!r}")
         self.keep = [] if keep is None else [keep] if hasattr(keep, "keep") else list(keep)
@@ -166,6 +175,9 @@ class SafepointCallback(TrainerCallback):
         self._lock: RunLock | None = None
         self._log: RunLog | None = None
         self._resumed_from: int | None = None
+        self.async_save = async_save
+        self.staging_dir = staging_dir
+        self._staging: StagedSaves | None = None
         self.should_stop = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -183,7 +195,28 @@ class SafepointCallback(TrainerCallback):
             self._resumed_from = int(m.group(1))
         self._log.event("start", resumed_from=self._resumed_from, global_step=state.global_step)
         self._remove_unfinished()
+        self._staging = StagedSaves(self._output_dir, staging_dir=self.staging_dir, needed_bytes=self._needed_bytes)
+        for path in self._staging.remove_debris():
+            self._log.event("gc", removed=str(path), reason="unfinished async save")
+        if self.async_save:
+            self._start_async(args)
         self._watcher.install()
+
+    def _start_async(self, args: TrainingArguments) -> None:
+        """Stage the Trainer's saves, or say why this run saves synchronously."""
+        assert self._staging is not None
+        trainer = getattr(self, "trainer", None) or find_trainer(self)
+        why = ("it runs in several processes, each writing its own files" if args.world_size > 1
+               else "push_to_hub uploads from the checkpoint directory" if args.push_to_hub
+               else "no Trainer was found calling this callback" if trainer is None else None)
+        if why is not None:
+            warnings.warn(f"safepoint: async_save is off for this run ({why}); checkpoints are saved "
+                          "synchronously", SafepointWarning, stacklevel=3)
+            return
+        if args.save_total_limit:
+            warnings.warn("safepoint: save_total_limit is not applied to async saves (the Trainer rotates its "
+                          "staging directory); use keep=[KeepLast(n)]", SafepointWarning, stacklevel=3)
+        self._staging.attach(trainer)
 
     def _remove_unfinished(self) -> None:
         """``checkpoint-N`` without a manifest is a save that never finished: debris, like a tmp dir."""
@@ -195,13 +228,18 @@ class SafepointCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._watcher.uninstall()
-        if self._log is not None:
-            self._log.event("close", global_step=state.global_step, should_stop=self.should_stop)
-            self._log.close()
-            self._log = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        try:
+            if self._staging is not None:
+                self._staging.close()  # the last async write commits (or raises) before the run ends
+        finally:
+            self._staging = None
+            if self._log is not None:
+                self._log.event("close", global_step=state.global_step, should_stop=self.should_stop)
+                self._log.close()
+                self._log = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -213,6 +251,8 @@ class SafepointCallback(TrainerCallback):
             if self._log is not None:
                 self._log.event("preempted", signal=self._watcher.received, step=state.global_step)
         if control.should_save and self._output_dir is not None:
+            if self._staging is not None:
+                self._staging.wait()  # one save in flight; its error surfaces here
             self._make_room(state.global_step, control, kwargs.get("model"))
         return control
 
@@ -221,22 +261,34 @@ class SafepointCallback(TrainerCallback):
             return control
         step = state.global_step
         path = self._output_dir / f"checkpoint-{step}"
-        if not path.is_dir():
-            return control
         metrics = {k: v for entry in state.log_history if entry.get("step") == step
                    for k, v in entry.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
-        manifest = commit_checkpoint_dir(path, step=step, run_id=self._log.run_id, metrics=metrics)
+        staged = self._staging.take(step) if self._staging is not None else None
+        if staged is not None:
+            run_id, created = self._log.run_id, utc_now()
+            self._staging.submit(step, lambda: self._after_commit(step, path, publish(
+                staged, path, step=step, run_id=run_id, metrics=metrics, created=created)))
+            if control.should_training_stop or step >= state.max_steps:
+                self._staging.wait()  # the Trainer may load the best checkpoint next
+            return control
+        if not path.is_dir():
+            return control
+        self._after_commit(step, path, commit_checkpoint_dir(path, step=step, run_id=self._log.run_id, metrics=metrics))
+        return control
+
+    def _after_commit(self, step: int, path: Path, manifest: Manifest) -> None:
+        """Log the save and apply retention (on the writer thread for async saves)."""
+        assert self._output_dir is not None and self._log is not None
         self._log.event("save", step=step, size=manifest.total_size, checkpoint=path.name)
         for deletion in plan_deletions(committed_checkpoints(self._output_dir), self.keep,
                                        resumed_from=self._resumed_from):
             self._delete(deletion.step, deletion.reason)
-        return control
 
     def _make_room(self, step: int, control: TrainerControl, model: Any) -> None:
         """The pre-save check: free space under the budget, or refuse before the Trainer writes."""
         assert self._output_dir is not None
         checkpoints = committed_checkpoints(self._output_dir)
-        needed = checkpoints[-1].size if checkpoints else _estimate_from_model(model)
+        needed = self._needed_bytes(model, checkpoints)
         check = check_space(self._output_dir, needed, max_disk=self.max_disk, min_free=self.min_free)
         if not check.shortfall:
             return
@@ -255,6 +307,12 @@ class SafepointCallback(TrainerCallback):
         control.should_save = False
         if self._log is not None:
             self._log.event("save_failed", step=step, error=message)
+
+    def _needed_bytes(self, model: Any, checkpoints: list[CheckpointInfo] | None = None) -> int:
+        """Expected size of the next save: the last committed one, else an estimate from the model."""
+        if checkpoints is None:
+            checkpoints = committed_checkpoints(self._output_dir) if self._output_dir is not None else []
+        return checkpoints[-1].size if checkpoints else _estimate_from_model(model)
 
     def _delete(self, step: int, reason: str) -> None:
         assert self._output_dir is not None and self._log is not None

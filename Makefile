@@ -5,7 +5,12 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: demo test venv bench chromium
+SWIFT_VENV ?= .venv-swift
+SWIFT_BIN = $(SWIFT_VENV)/bin
+# ms-swift pins its own transformers/peft range, so its tests get an environment of their own.
+SWIFT ?= ms-swift==4.6.0
+
+.PHONY: demo test test-main test-swift venv bench chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +31,20 @@ chromium:
 	    || echo "note: apt-get could not install chromium; the browser tests will skip"; \
 	else echo "note: /usr/bin/chromium is missing (not root with apt-get); the browser tests will skip"; fi
 
+# The main suite and the ms-swift suite (whose environment installs meanwhile) run side by side.
 test: venv chromium
+	$(MAKE) -j2 --output-sync=target test-main test-swift
+
+test-main:
 	$(BIN)/python -m pytest -n 2 --durations=15
+
+$(SWIFT_BIN)/python:
+	$(PYTHON) -m venv $(SWIFT_VENV)
+	$(SWIFT_BIN)/pip install -q "$(TORCH)"
+	$(SWIFT_BIN)/pip install -q -e ".[test,hf]" "$(SWIFT)"
+
+test-swift: $(SWIFT_BIN)/python
+	$(SWIFT_BIN)/python -m pytest -q -p no:cacheprovider tests/test_swift.py
 
 bench: venv
 	$(BIN)/python benchmarks/run.py

@@ -108,6 +108,8 @@ class CommitHook:
 
     def _evaluate(self, step: int, path: Path) -> None:
         self._done.add(step)
+        if not path.exists():  # retention deleted it while earlier ones were evaluated
+            return
         argv = [_fill(arg, path=path, step=step, run_dir=self.run_dir) for arg in self.argv]
         env = dict(self.env if self.env is not None else os.environ,
                    SAFEPOINT_CHECKPOINT=str(path), SAFEPOINT_STEP=str(step))

@@ -3,8 +3,8 @@
 Encoded tensor files (``compress``) hold a safetensors byte stream that was transformed on its way
 to disk (XOR against a base, byte planes, zstd). Encoders need that stream's layout without
 writing a plain file first, and decoders need to turn a decoded buffer back into tensors without
-copying it again. Both live here, independent of ``tensors.py`` (which writes and reads plain
-files): the header is the standard one (8-byte little-endian length, JSON, space padding to 8
+copying it again. Both live here, below ``tensors.py`` (which writes and reads plain files
+with them): the header is the standard one (8-byte little-endian length, JSON, space padding to 8
 bytes, tensors back to back), so a decoded buffer is a valid safetensors file. Parsing is JSON
 and offsets only; no code can run.
 """
@@ -60,7 +60,8 @@ def encode_header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[Slot]]:
     offset = 0
     for name, t in tensors.items():
         if t.dtype not in _NAMES:
-            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store; "
+                            f"supported: {', '.join(str(d) for d in _NAMES)}")
         nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         slots.append(Slot(name, t.dtype, tuple(t.shape), offset, offset + nbytes))

@@ -178,7 +178,7 @@ def render(doc: dict[str, Any]) -> str:
     lines = [
         "# Hugging Face Trainer: training-loop stall per checkpoint",
         "",
-        f"Generated {doc['generated']} by `python benchmarks/hf_bench.py {' '.join(cfg['argv'])}` in "
+        f"Generated {doc['generated']} by `{' '.join(['python benchmarks/hf_bench.py', *cfg['argv']])}` in "
         f"{cfg['wall_s']:.0f} s. Method: `benchmarks/hf_bench.py` (docstring).",
         "",
         f"**Run**: {cfg['model']}, CPU, batch {cfg['batch']} × {cfg['seq']} tokens, the Trainer's AdamW; "

@@ -203,9 +203,11 @@ def render(cost: dict, lost: list[dict], args: argparse.Namespace, work: Path) -
         "",
         f"A snapshot blocks training for {snap / (nbytes / 1e9):.3f} s per GB: {snap / disk:.3f}x a durable "
         f"disk save of the same state ({disk / snap:.0f} snapshots for the price of one save) and "
-        f"{snap / floor:.2f}x one plain copy of the tensors (the difference is collecting and encoding the "
-        "state dicts). Committing a snapshot after a crash (the supervisor writes, hashes and fsyncs it "
-        f"like any checkpoint) costs {persist / disk:.1f}x a disk save, once per crash.",
+        f"{snap / floor:.2f}x one plain copy of the tensors (fastest runs: {rows['snapshot (blocking)'][1]:.3f} s "
+        f"vs {rows['copy floor'][1]:.3f} s). Committing a snapshot after a crash (the supervisor writes, "
+        f"hashes and fsyncs it like any checkpoint) costs {persist / disk:.1f}x a disk save, once per crash. "
+        "The last column is the share of all CPUs that other processes took while a row ran (the largest "
+        "of its repetitions); where it is high, the medians are inflated.",
         "",
         f"## Steps lost to one SIGKILL (`examples/train.py`, {args.steps} steps, disk save every {args.every}, "
         f"snapshot every {args.snapshot_every})",

@@ -139,4 +139,30 @@ def test_metrics_are_merged_into_run_json_keeping_everything_else(tmp_path: Path
     assert record_metrics(tmp_path, 7, {"score": 3.0}) is True
     meta = json.loads((tmp_path / layout.RUN_FILE).read_text())
     assert meta == {"run_id": "r", "pins": [5], "metrics": {"5": {"a": 2.0, "score": 1.0}, "7": {"score": 3.0}}}
-    assert not [p for p in tmp_path.iterdir() if p.name != layout.RUN_FILE]  # no temporary file left
+    assert not [p for p in tmp_path.iterdir() if p.name not in (layout.RUN_FILE, layout.RUN_JSON_LOCK)]  # no tmp left
+
+
+def test_run_json_updates_from_two_processes_are_never_lost(tmp_path: Path) -> None:
+    """The trainer (pins) and the supervisor's hook (metrics) rewrite run.json at once: every update lands."""
+    import subprocess
+    import sys
+
+    from safepoint.catalog import read_run_meta
+    from safepoint.runlog import RunLog
+
+    RunLog(tmp_path).close()  # creates run.json with a run id
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    script = (
+        "import sys; from pathlib import Path; sys.path.insert(0, %r)\n"
+        "from safepoint.runlog import RunLog; from safepoint.commit_hook import record_metrics\n"
+        "run, kind = Path(sys.argv[1]), sys.argv[2]\n"
+        "log = RunLog(run)\n"
+        "for i in range(60):\n"
+        "    if kind == 'pins': log.set_pinned(i, True)\n"
+        "    else: assert record_metrics(run, i, {'score': float(i)})\n"
+    ) % src
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), kind]) for kind in ("pins", "metrics")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    meta = read_run_meta(tmp_path)
+    assert meta["pins"] == list(range(60))
+    assert {int(k): v["score"] for k, v in meta["metrics"].items()} == {i: float(i) for i in range(60)}

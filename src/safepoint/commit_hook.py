@@ -31,8 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import layout
-from .commit import fsync_dir, write_bytes, dump_json
+from .runlog import update_run_meta
 from .errors import SafepointError
 
 PLACEHOLDERS = ("{path}", "{step}", "{run_dir}")
@@ -175,33 +174,16 @@ def parse_result(stdout: str) -> dict[str, float]:
     return metrics
 
 
-def record_metrics(run_dir: Path, step: int, values: dict[str, float], *, attempts: int = 5) -> bool:
+def record_metrics(run_dir: Path, step: int, values: dict[str, float]) -> bool:
     """Merge ``values`` into ``run.json``'s metrics for ``step`` (the overlay ``list_checkpoints``
     applies); False when the directory has no safepoint ``run.json`` to hold them.
 
-    The trainer rewrites run.json too (pins, mirror state), from another process: the file is
-    re-read right before the atomic replace and the update redone if it changed meanwhile.
+    The trainer rewrites run.json too (pins, mirror state), from another process; both go through
+    ``update_run_meta``'s lock, so neither update is lost.
     """
-    path = run_dir / layout.RUN_FILE
-    for _ in range(attempts):
-        try:
-            before = path.read_bytes()
-        except FileNotFoundError:
-            return False
-        try:
-            meta = json.loads(before)
-        except ValueError:
-            return False
-        if not isinstance(meta, dict) or "run_id" not in meta:
-            return False
-        meta.setdefault("metrics", {}).setdefault(str(step), {}).update(values)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        write_bytes(tmp, dump_json(meta))
-        try:
-            if path.read_bytes() == before:
-                os.replace(tmp, path)
-                fsync_dir(run_dir)
-                return True
-        finally:
-            tmp.unlink(missing_ok=True)
-    return False
+    def change(meta: dict[str, Any]) -> None:
+        if "run_id" in meta:
+            meta.setdefault("metrics", {}).setdefault(str(step), {}).update(values)
+
+    meta = update_run_meta(run_dir, change, create=False)
+    return meta is not None and "run_id" in meta

@@ -23,6 +23,7 @@ RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
+RUN_JSON_LOCK = ".run.json.lock"  # serialises read-modify-writes of run.json across processes
 TRASH_DIR = ".trash"
 TENSOR_SUFFIX = ".safetensors"
 

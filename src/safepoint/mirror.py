@@ -44,11 +44,12 @@ from typing import Any, Literal
 from . import layout
 from .catalog import CheckpointInfo, list_checkpoints, read_run_meta
 from .catalog import verify as verify_checkpoint
-from .commit import FileRecord, commit_dir, read_hashed, remove_tree, replace_dir, write_json_atomic
+from .commit import FileRecord, commit_dir, read_hashed, remove_tree, replace_dir
 from .errors import CheckpointNotFound, CorruptCheckpoint, MirrorError, SafepointWarning, UnsupportedFormat
 from .lock import RunLock
 from .manifest import Manifest
 from .retention import RetentionPolicy, deletion_order, plan_deletions, with_bases
+from .runlog import update_run_meta
 from .storage import DEFAULT_PART_SIZE, Cancelled, RemoteFile, RetryPolicy, Storage, file_digest, is_transient
 
 log = logging.getLogger("safepoint")
@@ -520,12 +521,14 @@ def unmirrored_steps(run_dir: Path | str, checkpoints: Sequence[CheckpointInfo] 
 def _mark_in_run_json(run_dir: Path, url: str, steps: Iterable[int]) -> None:
     """push/pull: record steps as mirrored in run.json when it names this very mirror."""
     steps = set(steps)
-    meta = read_run_meta(run_dir)
-    if not steps or not meta or meta.get("mirror") != url:
-        return
-    meta["mirrored"] = sorted(set(meta.get("mirrored", [])) | steps)
-    meta["mirror_skipped"] = sorted(set(meta.get("mirror_skipped", [])) - steps)
-    write_json_atomic(run_dir / layout.RUN_FILE, meta)
+
+    def change(meta: dict[str, Any]) -> None:
+        if meta.get("mirror") == url:
+            meta["mirrored"] = sorted(set(meta.get("mirrored", [])) | steps)
+            meta["mirror_skipped"] = sorted(set(meta.get("mirror_skipped", [])) - steps)
+
+    if steps:
+        update_run_meta(run_dir, change, create=False)
 
 
 # ------------------------------------------------------------------------ the background mirror

@@ -1,7 +1,10 @@
 """The run's own records beside its checkpoints.
 
 ``run.json`` holds the run id and the durable, mutable facts about checkpoints (pins; with a
-mirror: its URL, the steps mirrored and the steps the mirror skips). It is replaced atomically. ``events.jsonl`` is an append-only log of what happened
+mirror: its URL, the steps mirrored and the steps the mirror skips; metrics learnt after a commit).
+Several processes change it (the trainer, the supervisor's evaluation hook, the CLI's pin and
+push), so every change is a read-modify-write under an ``flock`` on ``.run.json.lock``, and the
+file is replaced atomically. ``events.jsonl`` is an append-only log of what happened
 (start, save, restore, skip, prune, signal); ``metrics.jsonl`` is the metric log that
 ``step(metrics=...)`` feeds, one line per step with the attempt that logged it, so a curve can be
 stitched across restarts. Log lines are flushed, not fsynced: losing the last few lines in a crash
@@ -10,6 +13,7 @@ costs nothing, while fsyncing every step would cost throughput.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -17,7 +21,8 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 from . import layout
@@ -26,6 +31,33 @@ from .commit import write_json_atomic
 from .manifest import utc_now
 
 log = logging.getLogger("safepoint")
+
+
+@contextmanager
+def _run_json_locked(run_dir: Path) -> Iterator[None]:
+    fd = os.open(run_dir / layout.RUN_JSON_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def update_run_meta(run_dir: Path, change: Callable[[dict[str, Any]], None], *,
+                    create: bool = True) -> dict[str, Any] | None:
+    """Apply ``change`` to the current run.json under the cross-process lock; return the new content.
+
+    With ``create=False`` a directory without a run.json is left alone (returns None).
+    """
+    if not create and not (run_dir / layout.RUN_FILE).exists():
+        return None
+    with _run_json_locked(run_dir):
+        meta = read_run_meta(run_dir)
+        if not meta and not create:
+            return None
+        change(meta)
+        write_json_atomic(run_dir / layout.RUN_FILE, meta)
+        return meta
 
 
 class RunLog:
@@ -74,10 +106,15 @@ class RunLog:
 
     def update_meta(self, change: Callable[[dict[str, Any]], None]) -> None:
         """Read-modify-write of run.json: re-read first (the CLI may pin while a run is live)."""
+        fallback = self.meta
+
+        def apply(meta: dict[str, Any]) -> None:
+            if not meta:
+                meta.update(fallback)
+            change(meta)
+
         with self._meta_lock:
-            self.meta = read_run_meta(self.run_dir) or self.meta
-            change(self.meta)
-            self.write_meta()
+            self.meta = update_run_meta(self.run_dir, apply) or self.meta
 
     def event(self, kind: str, **fields: Any) -> None:
         record = {"time": utc_now(), "event": kind, "attempt": self.attempt, "pid": os.getpid(), **fields}

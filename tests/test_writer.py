@@ -137,3 +137,24 @@ def test_checkpoints_of_both_algorithms_restore_and_catch_damage(tmp_path: Path,
     with pytest.raises(CorruptCheckpoint):
         verify(infos[2].path)
     assert not torch.equal(fresh.weight, model.weight)
+
+
+def test_helper_threads_run_at_the_writers_priority(tmp_path: Path) -> None:
+    """A niced (background) writer's hash and I/O threads are niced too, so they yield to training."""
+    import threading
+
+    seen: dict[str, int] = {}
+
+    def background() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 7)
+        write_tensors(tmp_path / "bg.safetensors", {"x": torch.randn(100_000)})
+        hasher, io = commit._helpers()
+        for name, pool in (("hash", hasher), ("io", io)):
+            seen[name] = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    assert seen == {"hash": 7, "io": 7}
+    assert commit._helpers()[0].submit(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result() == commit._thread_niceness()

@@ -26,11 +26,12 @@ import numpy as np
 from . import faults, hashing, layout
 
 _CHUNK = 8 << 20
-# One process-wide hashing thread: hash updates must stay in order per file, and two cores are
-# better spent on one hash stream beside the writer than on many.
-_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safepoint-hash")
-# One process-wide thread issues direct writes, so the thread that fills buffers never waits on the disk.
-_IO = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safepoint-io")
+# Per priority level, one hashing thread (hash updates stay in order per file, and two cores are
+# better spent on one hash stream beside the writer than on many) and one thread that issues
+# direct writes (so the thread filling buffers never waits on the disk). They run at the niceness
+# of the thread that writes: a background save's helpers yield the CPU to training as it does.
+_HELPERS: dict[int, tuple[ThreadPoolExecutor, ThreadPoolExecutor]] = {}
+_HELPERS_LOCK = threading.Lock()
 _DIRECT_BUFFER = 16 << 20  # large enough for full disk bandwidth, small enough to reuse
 _BLOCK = 4096  # O_DIRECT alignment of buffers, offsets and lengths (covers 512-byte devices)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -58,6 +59,29 @@ def _explain_os_error(err: OSError, path: Path) -> OSError:
                        "save was removed and committed checkpoints are untouched. Free space or "
                        "lower the retention, then save again", str(path))
     return err
+
+
+def _thread_niceness() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # per thread on Linux
+    except (AttributeError, OSError):
+        return 0
+
+
+def _helpers() -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+    """(hasher, io) threads at the calling thread's niceness."""
+    nice = _thread_niceness()
+    with _HELPERS_LOCK:
+        if nice not in _HELPERS:
+            def init() -> None:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+                except (AttributeError, OSError):
+                    pass
+            suffix = f"-nice{nice}" if nice else ""
+            _HELPERS[nice] = (ThreadPoolExecutor(1, thread_name_prefix=f"safepoint-hash{suffix}", initializer=init),
+                              ThreadPoolExecutor(1, thread_name_prefix=f"safepoint-io{suffix}", initializer=init))
+        return _HELPERS[nice]
 
 
 class _BouncePair:
@@ -100,6 +124,7 @@ class HashingWriter:
         self._hash = hashing.new_hasher(self.algorithm)
         self._size = 0
         self._hashing: Future[None] | None = None
+        self._hasher, self._io = _helpers()
         self._fd = -1
         self._bounce: _BouncePair | None = None
         if direct and _O_DIRECT:
@@ -133,7 +158,7 @@ class HashingWriter:
     def _hash_next(self, chunk: memoryview) -> Future[None]:
         if self._hashing is not None:
             self._hashing.result()
-        self._hashing = _HASHER.submit(self._hash.update, chunk)
+        self._hashing = self._hasher.submit(self._hash.update, chunk)
         return self._hashing
 
     def _write_all(self, view: memoryview) -> None:
@@ -175,7 +200,7 @@ class HashingWriter:
         padded = -(-length // _BLOCK) * _BLOCK
         if padded != length:
             data[length:padded] = bytes(padded - length)
-        self._busy[index] = [self._hash_next(data[:length]), _IO.submit(self._write_all, data[:padded])]
+        self._busy[index] = [self._hash_next(data[:length]), self._io.submit(self._write_all, data[:padded])]
         self._size += length
         self._current ^= 1
         self._fill = 0
@@ -259,6 +284,7 @@ def read_hashed(path: Path, into: memoryview | None = None, *, like: str | None 
     """
     algorithm = hashing.algorithm_of(like) if like is not None else hashing.default_algorithm()
     h = hashing.new_hasher(algorithm)
+    hasher = _helpers()[0]
     size = 0
     pending: Future[None] | None = None
     spare = [bytearray(_CHUNK), bytearray(_CHUNK)] if into is None else []
@@ -270,7 +296,7 @@ def read_hashed(path: Path, into: memoryview | None = None, *, like: str | None 
                 pending.result()
             if not n:
                 break
-            pending = _HASHER.submit(h.update, target[:n])
+            pending = hasher.submit(h.update, target[:n])
             size += n
             if into is None:
                 spare.reverse()

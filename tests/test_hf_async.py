@@ -201,7 +201,8 @@ def test_kill_9_during_an_async_write_then_resume_is_bitwise_exact(tmp_path):
     assert (out / STAGING / "checkpoint-12").is_dir()
     assert latest_checkpoint(out) == str(out / "checkpoint-8")
 
-    resumed = run("--out-dir", str(out), "--steps", "16", "--async-save", "--weights", str(tmp_path / "got.safetensors"))
+    resumed = run("--out-dir", str(out), "--steps", "16", "--async-save",
+                  "--weights", str(tmp_path / "got.safetensors"))
     assert f"resume from {out / 'checkpoint-8'}" in resumed.stdout
     ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "got.safetensors")
     assert_bitwise_equal(got, ref)

@@ -1323,7 +1323,7 @@ def render_md(R: Results, info: dict[str, Any], cfg: dict[str, Any], rat: dict[s
                      "space check, state.json/manifest, rename, retention.\n")
         if rb:
             L.append("Restore: " + ", ".join(f"{k} {v}" for k, v in rb.items()) +
-                     " — `read_verify` = read_tensors_verified (read + sha256), `apply` = load_state_dict.\n")
+                     " — `read_verify` = read_tensors_verified (read + hash check), `apply` = load_state_dict.\n")
     return "\n".join(L) + "\n"
 
 

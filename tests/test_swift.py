@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -120,9 +121,16 @@ def test_list_flags_are_extended_not_replaced():
 def test_options_from_env(monkeypatch):
     from safepoint import KeepBest, KeepLast
 
-    for name in ("KEEP_LAST", "KEEP_BEST", "KEEP_EVERY", "KEEP_WITHIN", "MAX_DISK", "MIN_FREE", "ON_SAVE_ERROR", "SIGNALS"):
+    for name in ("KEEP_LAST", "KEEP_BEST", "KEEP_EVERY", "KEEP_WITHIN", "MAX_DISK", "MIN_FREE", "ON_SAVE_ERROR", "SIGNALS",
+                 "ASYNC_SAVE"):
         monkeypatch.delenv(f"SAFEPOINT_{name}", raising=False)
-    assert sp_swift.options_from_env()["keep"] == []
+    assert sp_swift.options_from_env()["keep"] == [] and sp_swift.options_from_env()["async_save"] is False
+    monkeypatch.setenv("SAFEPOINT_ASYNC_SAVE", "1")
+    assert sp_swift.options_from_env()["async_save"] is True
+    monkeypatch.setenv("SAFEPOINT_ASYNC_SAVE", "maybe")
+    with pytest.raises(ValueError, match="SAFEPOINT_ASYNC_SAVE"):
+        sp_swift.options_from_env()
+    monkeypatch.delenv("SAFEPOINT_ASYNC_SAVE")
     monkeypatch.setenv("SAFEPOINT_KEEP_LAST", "2")
     monkeypatch.setenv("SAFEPOINT_KEEP_BEST", "eval_loss, token_acc:max")
     monkeypatch.setenv("SAFEPOINT_MAX_DISK", "20GB")
@@ -245,6 +253,24 @@ def test_swift_kill9_mid_save_then_auto_resume_across_v_dirs_is_bitwise_exact(ti
     for path in [*v0.glob("checkpoint-*"), *v1.glob("checkpoint-*")]:
         verify(path)
     assert sorted(p.name for p in v1.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (16, 20, 24, 28, 30)]
+
+
+@needs_swift
+@pytest.mark.slow
+def test_swift_async_saves_commit_every_checkpoint_and_match_the_sync_run(tiny, reference, tmp_path):
+    """SAFEPOINT_ASYNC_SAVE=1: the Trainer's saves are staged and committed in the background."""
+    ref_weights, ref_dir = reference
+    out = tmp_path / "out"
+    rc, log = run(wrapped(tiny, out), tmp_path / "async.txt", SAFEPOINT_ASYNC_SAVE="1")
+    assert rc == 0, log[-4000:]
+    v0 = one("v0-*", out)
+    events = [json.loads(line) for line in (v0 / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events].count("async_save") == 1
+    saved = sorted(e["step"] for e in events if e["event"] == "save")
+    assert saved == [4, 8, 12, 16, 20, 24, 28, 30]
+    for step in saved:
+        verify(v0 / f"checkpoint-{step}")
+    assert_bitwise_equal(final_weights(v0), ref_weights)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> str:

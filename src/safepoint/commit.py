@@ -26,6 +26,7 @@ import numpy as np
 from . import faults, hashing, layout
 
 _CHUNK = 8 << 20
+_READ_CHUNK = 32 << 20  # larger reads let the kernel keep more of a cold file in flight
 # Per priority level, one hashing thread (hash updates stay in order per file, and two cores are
 # better spent on one hash stream beside the writer than on many) and one thread that issues
 # direct writes (so the thread filling buffers never waits on the disk). They run at the niceness
@@ -287,10 +288,11 @@ def read_hashed(path: Path, into: memoryview | None = None, *, like: str | None 
     hasher = _helpers()[0]
     size = 0
     pending: Future[None] | None = None
-    spare = [bytearray(_CHUNK), bytearray(_CHUNK)] if into is None else []
     with open(path, "rb", buffering=0) as f:
+        chunk = min(_READ_CHUNK, os.fstat(f.fileno()).st_size + 1)  # +1: the read that sees the end
+        spare = [bytearray(chunk), bytearray(chunk)] if into is None else []
         while True:
-            target = memoryview(spare[0]) if into is None else into[size:size + _CHUNK]
+            target = memoryview(spare[0]) if into is None else into[size:size + _READ_CHUNK]
             n = f.readinto(target) if len(target) else 0
             if pending is not None:
                 pending.result()

@@ -217,6 +217,8 @@ class SafepointCallback(TrainerCallback):
             warnings.warn("safepoint: save_total_limit is not applied to async saves (the Trainer rotates its "
                           "staging directory); use keep=[KeepLast(n)]", SafepointWarning, stacklevel=3)
         self._staging.attach(trainer)
+        if self._log is not None:
+            self._log.event("async_save", staging=str(self._staging.fast_root))
 
     def _remove_unfinished(self) -> None:
         """``checkpoint-N`` without a manifest is a save that never finished: debris, like a tmp dir."""

@@ -18,7 +18,9 @@ save-then-stop):
   with no options: ``SAFEPOINT_KEEP_LAST``, ``SAFEPOINT_KEEP_BEST`` (``metric[:min|max]``, comma
   separated), ``SAFEPOINT_KEEP_EVERY``, ``SAFEPOINT_KEEP_WITHIN`` (``6h``), ``SAFEPOINT_MAX_DISK``,
   ``SAFEPOINT_MIN_FREE``, ``SAFEPOINT_ON_SAVE_ERROR`` (``raise``/``warn``), ``SAFEPOINT_SIGNALS``
-  (``SIGTERM,SIGINT,SIGUSR1``), ``SAFEPOINT_EXACT_DATA`` (``1``; ``0`` turns the fix below off);
+  (``SIGTERM,SIGINT,SIGUSR1``), ``SAFEPOINT_ASYNC_SAVE`` (``1``: training goes on while each
+  checkpoint is written, see ``hf_async``), ``SAFEPOINT_EXACT_DATA`` (``1``; ``0`` turns the fix
+  below off);
 * an exact resume across epoch boundaries (see ``_seed_train_dataloader``);
 * unfinished ``checkpoint-N`` directories (a kill mid-save) in earlier ``v*`` runs under the same
   ``--output_dir`` are removed at start, unless another live process holds that run's lock;
@@ -122,7 +124,15 @@ def options_from_env() -> dict[str, Any]:
     signals = tuple(s.strip() for s in (_env("SAFEPOINT_SIGNALS") or ",".join(DEFAULT_SIGNALS)).split(",")
                     if s.strip())
     return {"keep": keep, "max_disk": _env("SAFEPOINT_MAX_DISK"), "min_free": _env("SAFEPOINT_MIN_FREE"),
-            "on_save_error": _env("SAFEPOINT_ON_SAVE_ERROR") or "raise", "signals": signals}
+            "on_save_error": _env("SAFEPOINT_ON_SAVE_ERROR") or "raise", "signals": signals,
+            "async_save": _flag("SAFEPOINT_ASYNC_SAVE")}
+
+
+def _flag(name: str) -> bool:
+    value = (_env(name) or "0").lower()
+    if value not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"{name}={value!r}: expected 1 or 0")
+    return value in ("1", "true", "yes")
 
 
 class SwiftSafepointCallback(SafepointCallback):

@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -43,25 +42,7 @@ from safepoint.disk import format_size, parse_size  # noqa: E402
 from safepoint.memtier import ENV_DIR, MemoryTier, default_parent  # noqa: E402
 from run import QUIET, Contention, build_state, nbytes_of, state_tensors, wait_quiet  # noqa: E402
 
-KILLER = textwrap.dedent("""
-    import os, runpy, signal, sys
-    from safepoint import CheckpointManager
-    starts = os.environ["KILL_STARTS"]
-    with open(starts, "a") as f:
-        f.write("x")
-    if os.path.getsize(starts) == 1:
-        step = CheckpointManager.step
-
-        def killing_step(self, n, state, **kw):
-            saved = step(self, n, state, **kw)
-            if n == int(os.environ["KILL_AT"]):
-                os.kill(os.getpid(), signal.SIGKILL)
-            return saved
-
-        CheckpointManager.step = killing_step
-    sys.argv = [os.environ["KILL_TRAIN"]] + sys.argv[1:]
-    runpy.run_path(os.environ["KILL_TRAIN"], run_name="__main__")
-""")
+KILLER = ROOT / "examples" / "kill_at_step.py"  # SIGKILLs the script after step KILL_AT, first start only
 
 
 def log(msg: str) -> None:
@@ -135,8 +116,7 @@ def cost_part(size: int, reps: int, work: Path) -> dict:
 
 
 def lost_part(trials: int, steps: int, every: int, snapshot_every: int, seed: int, work: Path) -> list[dict]:
-    wrapper = work / "killer.py"
-    wrapper.write_text(KILLER)
+    wrapper = KILLER
     rng = random.Random(seed)
     kills = [rng.choice([s for s in range(every + 1, steps) if s % every]) for _ in range(trials)]
     env_base = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",

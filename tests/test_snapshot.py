@@ -30,26 +30,7 @@ from safepoint import CheckpointManager, InsufficientDiskSpace, SafepointWarning
 from safepoint.manifest import read_manifest
 from safepoint.memtier import ENV_DIR, SOURCE, MemoryTier, default_parent, newest_snapshot, remove_stale
 
-# examples/train.py, SIGKILLed right after step KILL_AT on its first start only.
-KILLER = textwrap.dedent("""
-    import os, runpy, signal, sys
-    from safepoint import CheckpointManager
-    starts = os.environ["KILL_STARTS"]
-    with open(starts, "a") as f:
-        f.write("x")
-    if os.path.getsize(starts) == 1:
-        step = CheckpointManager.step
-
-        def killing_step(self, n, state, **kw):
-            saved = step(self, n, state, **kw)
-            if n == int(os.environ["KILL_AT"]):
-                os.kill(os.getpid(), signal.SIGKILL)
-            return saved
-
-        CheckpointManager.step = killing_step
-    sys.argv = [os.environ["KILL_TRAIN"]] + sys.argv[1:]
-    runpy.run_path(os.environ["KILL_TRAIN"], run_name="__main__")
-""")
+KILLER = ROOT / "examples" / "kill_at_step.py"  # SIGKILLs the script after step KILL_AT, first start only
 
 # A trainer that snapshots every 5 steps and never saves to disk; each step adds 1 to every weight,
 # so the weights name their step. After step 10 it asks to be SIGKILLed in the middle of the next
@@ -111,8 +92,7 @@ def test_a_trainer_killed_between_disk_saves_resumes_from_its_memory_snapshot(
         tmp_path: Path, reference_weights, same_weights) -> None:
     steps, every, snapshot_every, kill_at = 45, 20, 5, 27
     reference_weights.start(steps)
-    run, out, wrapper = tmp_path / "run", tmp_path / "final.safetensors", tmp_path / "killer.py"
-    wrapper.write_text(KILLER)
+    run, out, wrapper = tmp_path / "run", tmp_path / "final.safetensors", KILLER
     env = dict(train_env(), KILL_STARTS=str(tmp_path / "starts"), KILL_AT=str(kill_at), KILL_TRAIN=str(TRAIN))
     cmd = [sys.executable, "-m", "safepoint", "run", "--dir", str(run), "--backoff", "0.05s..0.2s",
            "--snapshot-every", str(snapshot_every), "--",  # the default tier: /dev/shm

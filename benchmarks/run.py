@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import safepoint  # noqa: E402
-from safepoint import CheckpointManager, KeepLast  # noqa: E402
+from safepoint import CheckpointManager, KeepLast, commit  # noqa: E402
 
 warnings.filterwarnings("ignore")
 GB = 1e9
@@ -215,11 +215,7 @@ def settle() -> None:
 
 
 def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    commit.fsync_file(path)  # directories too: O_RDONLY opens either
 
 
 def fsync_tree(root: Path) -> None:
@@ -681,7 +677,6 @@ def bench_safepoint(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nb
 
 def profile_save(mgr: CheckpointManager, step: int, state: dict[str, Any]) -> dict[str, Any]:
     """Time the phases of one sync save by wrapping HashingWriter methods and os.fsync (not the measured reps)."""
-    from safepoint import commit
     acc = {"write_calls_s": 0.0, "fsync_s": 0.0, "close_s": 0.0, "buffer_wait_s": 0.0}
     orig_write, orig_close, orig_finish, orig_fsync = (commit.HashingWriter.write, commit.HashingWriter.close,
                                                        commit.HashingWriter._wait, os.fsync)

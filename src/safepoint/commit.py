@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,14 @@ class FileRecord:
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -309,6 +318,22 @@ def read_hashed(path: Path, into: memoryview | None = None, *, like: str | None 
 
 def hash_file(path: Path, *, like: str | None = None) -> FileRecord:
     return read_hashed(path, like=like)
+
+
+def sync_and_hash_tree(root: Path, *, skip: Callable[[str], bool] = lambda rel: False) -> dict[str, FileRecord]:
+    """Make files someone else wrote under ``root`` durable (each fsynced, then every directory)
+    and return their records by relative path; ``skip(rel)`` leaves a file out."""
+    records: dict[str, FileRecord] = {}
+    for dirpath, _, names in os.walk(root):
+        for name in sorted(names):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if skip(rel):
+                continue
+            fsync_file(path)
+            records[rel] = hash_file(path)
+        fsync_dir(Path(dirpath))
+    return records
 
 
 def commit_dir(tmp: Path, final: Path) -> None:

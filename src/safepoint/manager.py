@@ -262,8 +262,8 @@ class CheckpointManager:
                     raise
                 failed = err  # with a mirror, its copy of the step comes next
                 skipped.append(f"{path.name} ({err})")
-                fallback = "trying the mirror's copy of this step" if step is not None else "falling back to an older one"
-                warnings.warn(f"safepoint: skipping checkpoint {path}: {err}. {fallback.capitalize()}",
+                fallback = "Trying the mirror's copy of this step" if step is not None else "Falling back to an older one"
+                warnings.warn(f"safepoint: skipping checkpoint {path}: {err}. {fallback}",
                               SafepointWarning, stacklevel=2)
                 self._log.event("skip_corrupt", checkpoint=path.name, reason=str(err))
                 continue

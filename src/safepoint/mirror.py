@@ -44,7 +44,7 @@ from typing import Any, Literal
 from . import layout
 from .catalog import CheckpointInfo, list_checkpoints, read_run_meta
 from .catalog import verify as verify_checkpoint
-from .commit import FileRecord, commit_dir, read_hashed, remove_tree, replace_dir
+from .commit import FileRecord, commit_dir, fsync_file, read_hashed, remove_tree, replace_dir
 from .errors import CheckpointNotFound, CorruptCheckpoint, MirrorError, SafepointWarning, UnsupportedFormat
 from .lock import RunLock
 from .manifest import Manifest
@@ -456,7 +456,7 @@ def download_checkpoint(storage: Storage, step: int, run_dir: Path, *, concurren
                     f"mirror object {storage.url_of(key)} fails its check against the remote manifest: expected "
                     f"{record.size} bytes with hash {record.hash}, got {got.size} bytes with hash {got.hash} "
                     "(the object was modified or damaged on the mirror)")
-            _fsync_file(part)
+            fsync_file(part)
             part.replace(dest)
 
         _run_all(one, manifest.files.items(), concurrency)
@@ -464,7 +464,7 @@ def download_checkpoint(storage: Storage, step: int, run_dir: Path, *, concurren
             if extra.name not in manifest.files:
                 remove_tree(extra)
         (tmp / layout.MANIFEST).write_bytes(manifest_bytes)
-        _fsync_file(tmp / layout.MANIFEST)
+        fsync_file(tmp / layout.MANIFEST)
         final = run_dir / name
         if final.exists():
             replace_dir(tmp, final)
@@ -483,16 +483,6 @@ def _reusable_tmp(run_dir: Path, step: int) -> Path | None:
     except FileNotFoundError:
         return None
     return found[0] if found else None
-
-
-def _fsync_file(path: Path) -> None:
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------ run.json bookkeeping

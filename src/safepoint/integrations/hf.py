@@ -28,7 +28,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .. import faults, layout
 from ..catalog import CheckpointInfo, read_run_meta, verify
 from ..compat import require_fit
-from ..commit import (delete_checkpoint, dump_json, fsync_dir, hash_file, write_bytes)
+from ..commit import delete_checkpoint, dump_json, fsync_dir, sync_and_hash_tree, write_bytes
 from ..disk import MinFree, check_space, format_size, parse_size
 from ..hashing import default_algorithm
 from ..errors import CorruptCheckpoint, InsufficientDiskSpace, SafepointWarning, UnsupportedFormat
@@ -119,20 +119,7 @@ def committed_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
 
 def commit_checkpoint_dir(path: Path, *, step: int, run_id: str, metrics: dict[str, Any]) -> Manifest:
     """Make a directory someone else wrote durable and committed: fsync, hash, manifest last."""
-    files = {}
-    for root, _, names in os.walk(path):
-        for name in sorted(names):
-            file = Path(root) / name
-            rel = file.relative_to(path).as_posix()
-            if rel == layout.MANIFEST or rel.startswith(".manifest.tmp"):
-                continue
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            files[rel] = hash_file(file)
-        fsync_dir(Path(root))
+    files = sync_and_hash_tree(path, skip=lambda rel: rel == layout.MANIFEST or rel.startswith(".manifest.tmp"))
     faults.reach("before_manifest")
     manifest = Manifest(step=step, run_id=run_id, files=files, hash_algorithm=default_algorithm(),
                         created=utc_now(), committed=utc_now(), metrics=metrics, versions=library_versions())

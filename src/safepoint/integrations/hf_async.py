@@ -44,7 +44,7 @@ from typing import Any
 
 from .. import faults
 from ..async_save import BackgroundWriter, SaveHandle
-from ..commit import FileRecord, HashingWriter, dump_json, fsync_dir, hash_file, remove_tree, seal
+from ..commit import FileRecord, HashingWriter, dump_json, fsync_dir, remove_tree, seal, sync_and_hash_tree
 from ..hashing import default_algorithm
 from ..manifest import Manifest, library_versions, utc_now
 
@@ -113,7 +113,7 @@ def publish(staged: Path, final: Path, *, step: int, run_id: str, metrics: dict[
     tmp = final.parent / STAGING / final.name
     try:
         if staged == tmp:
-            files = _hash_in_place(tmp)
+            files = sync_and_hash_tree(tmp)  # the Trainer wrote straight into it
         else:
             remove_tree(tmp)  # an earlier attempt at this step
             files = _copy_hashed(staged, tmp)
@@ -151,21 +151,6 @@ def _copy_hashed(source: Path, target: Path) -> dict[str, FileRecord]:
             records[rel] = writer.close()
     target.mkdir(parents=True, exist_ok=True)
     for dirpath, _, _ in os.walk(target):
-        fsync_dir(Path(dirpath))
-    return records
-
-
-def _hash_in_place(root: Path) -> dict[str, FileRecord]:
-    """Files the Trainer wrote straight into the tmp directory: fsync and hash each."""
-    records: dict[str, FileRecord] = {}
-    for rel, path in _files(root):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        records[rel] = hash_file(path)
-    for dirpath, _, _ in os.walk(root):
         fsync_dir(Path(dirpath))
     return records
 

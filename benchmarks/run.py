@@ -17,6 +17,7 @@ import math
 import mmap
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -517,35 +518,6 @@ def bench_floors(R: Results, ts: list[torch.Tensor], nbytes: int, work: Path, re
     del views
     write_direct(0)  # the file the read floors read
 
-    cold = {"how": ""}
-
-    def read_cold(_: int) -> dict[str, float]:
-        cold["how"] = evict([f])
-        t0 = time.perf_counter()
-        if have_dd:
-            subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M"], capture_output=True, check=True)
-        else:
-            with open(f, "rb", buffering=0) as fh:
-                buf = bytearray(16 * MiB)
-                while fh.readinto(buf):
-                    pass
-        return {"read": time.perf_counter() - t0}
-
-    def read_direct(_: int) -> dict[str, float]:
-        evict([f])
-        t0 = time.perf_counter()
-        p = subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M", "iflag=direct"], capture_output=True)
-        return {"read": time.perf_counter() - t0} if p.returncode == 0 else {}
-
-    r = repeat("disk read (cold, buffered)", reps, read_cold)
-    R.add("floor_read", "floor", "disk read, cold cache (buffered, 16 MiB reads)", r["read"], nbytes=fbytes,
-          note=f"cache evicted by {cold['how']}")
-    R.extra["read_cold_method"] = cold["how"]
-    if have_dd:
-        r = repeat("disk read (O_DIRECT)", reps, read_direct)
-        if r:
-            R.add("floor_read_direct", "floor", "disk read O_DIRECT, 16 MiB, queue depth 1 (info)", r["read"],
-                  nbytes=fbytes)
     rm(f)
 
 
@@ -613,34 +585,6 @@ def bench_safepoint(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nb
           note=f"allocated blocks {fmt_bytes(alloc)}")
     mgr.close()
 
-    log("== safepoint: restore (verified, cold cache)")
-    rmgr = CheckpointManager(d_sync, signals=())
-    how = {"v": ""}
-
-    def restore(_: int) -> dict[str, float]:
-        how["v"] = evict([info.path])
-        t0 = time.perf_counter()
-        got = rmgr.restore(state)
-        dt = time.perf_counter() - t0
-        assert got == info.step, got
-        gc.collect()
-        return {"restore": dt}
-    r = repeat("safepoint restore (cold)", reps, restore)
-    R.add("sp_restore", "safepoint", "safepoint restore (verified), cold cache", r["restore"], nbytes=nbytes,
-          note=f"cache evicted by {how['v']}; includes load_state_dict")
-
-    def restore_warm(_: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        rmgr.restore(state)
-        dt = time.perf_counter() - t0
-        gc.collect()
-        return {"restore": dt}
-    r = repeat("safepoint restore (warm)", reps, restore_warm)
-    R.add("sp_restore_warm", "safepoint", "safepoint restore (verified), warm cache (info)", r["restore"],
-          nbytes=nbytes)
-    R.extra["sp_restore_breakdown"] = profile_restore(rmgr, state, info.path)
-    log(f"  restore breakdown: {R.extra['sp_restore_breakdown']}")
-    rmgr.close()
     rm(d_sync)
 
     log("== safepoint: save_async")
@@ -740,6 +684,104 @@ def profile_restore(mgr: CheckpointManager, state: dict[str, Any], path: Path) -
     return out
 
 
+def bench_reads(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int, work: Path,
+                reps: int) -> None:
+    """Cold reads side by side: each repetition runs the disk's read floor, safepoint's verified
+    restore and ``torch.load`` one after another in a shuffled order, so a slow spell of a shared
+    disk weighs on all three alike and their ratios compare like with like."""
+    log("== cold reads: disk floor, safepoint restore, torch.load (interleaved)")
+    state = {"model": model, "optim": opt}
+    d_sp = work / "sp_read"
+    mgr = CheckpointManager(d_sp, signals=())
+    info = mgr.save(1, state)
+    pt = work / "torch.pt"
+    with open(pt, "wb") as fh:
+        torch.save(torch_obj(model, opt), fh)
+    floor = work / "floor.bin"
+    count = max(1, math.ceil(nbytes / (16 * MiB)))
+    fbytes = count * 16 * MiB
+    have_dd = shutil.which("dd") is not None
+    py_write(floor, count, direct=True, method={})
+    how = {"v": ""}
+
+    def read_floor(path: Path, *flags: str) -> float | None:
+        t0 = time.perf_counter()
+        if have_dd:
+            p = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", *flags], capture_output=True)
+            return time.perf_counter() - t0 if p.returncode == 0 else None
+        if flags:
+            return None
+        with open(path, "rb", buffering=0) as fh:
+            buf = bytearray(16 * MiB)
+            while fh.readinto(buf):
+                pass
+        return time.perf_counter() - t0
+
+    def floor_read() -> dict[str, float]:
+        t = read_floor(floor)
+        assert t is not None
+        return {"floor": t}
+
+    def restore() -> dict[str, float]:
+        t0 = time.perf_counter()
+        got = mgr.restore(state)
+        dt = time.perf_counter() - t0
+        assert got == info.step, got
+        gc.collect()
+        return {"restore": dt}
+
+    def tload() -> dict[str, float]:
+        t0 = time.perf_counter()
+        obj = torch.load(pt, weights_only=True, map_location="cpu")
+        t1 = time.perf_counter()
+        model.load_state_dict(obj["model"])
+        opt.load_state_dict(obj["optim"])
+        t2 = time.perf_counter()
+        del obj
+        gc.collect()
+        return {"load": t1 - t0, "load_apply": t2 - t0}
+
+    order = [floor_read, restore, tload]
+
+    def one_round(_: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        random.shuffle(order)
+        for fn in order:
+            how["v"] = evict([floor, d_sp, pt])
+            out.update(fn())
+        return out
+    r = repeat("cold reads (floor, restore, torch.load)", reps, one_round)
+    R.add("floor_read", "floor", "disk read, cold cache (buffered, 16 MiB reads)", r["floor"], nbytes=fbytes,
+          note=f"cache evicted by {how['v']}; interleaved with the two rows it is compared with")
+    R.extra["read_cold_method"] = how["v"]
+    R.add("sp_restore", "safepoint", "safepoint restore (verified), cold cache", r["restore"], nbytes=nbytes,
+          note=f"cache evicted by {how['v']}; includes load_state_dict")
+    R.add("torch_load", "peer", "torch.load(weights_only=True), cold cache", r["load"], nbytes=nbytes,
+          note=f"cache evicted by {how['v']}; read only")
+    R.add("torch_load_apply", "peer", "torch.load + load_state_dict, cold cache (info)", r["load_apply"],
+          nbytes=nbytes, note="same work as safepoint restore")
+
+    def read_direct(_: int) -> dict[str, float]:
+        evict([floor])
+        t = read_floor(floor, "iflag=direct")
+        return {} if t is None else {"read": t}
+    r = repeat("disk read (O_DIRECT)", reps, read_direct)
+    if r:
+        R.add("floor_read_direct", "floor", "disk read O_DIRECT, 16 MiB, queue depth 1 (info)", r["read"],
+              nbytes=fbytes)
+
+    def restore_warm(_: int) -> dict[str, float]:
+        return restore()
+    r = repeat("safepoint restore (warm)", reps, restore_warm)
+    R.add("sp_restore_warm", "safepoint", "safepoint restore (verified), warm cache (info)", r["restore"],
+          nbytes=nbytes)
+    R.extra["sp_restore_breakdown"] = profile_restore(mgr, state, info.path)
+    log(f"  restore breakdown: {R.extra['sp_restore_breakdown']}")
+    mgr.close()
+    for path in (d_sp, pt, floor):
+        rm(path)
+
+
 def bench_peers(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int, work: Path, reps: int,
                 with_hf: bool) -> None:
     log("== peers: torch.save + fsync")
@@ -755,25 +797,6 @@ def bench_peers(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes
     r = repeat("torch.save+fsync", reps, tsave, before=lambda i: (rm(pt), settle()))
     R.add("torch_save", "peer", "torch.save + fsync", r["save"], nbytes=nbytes)
 
-    log("== peers: torch.load(weights_only=True), cold cache")
-    how = {"v": ""}
-
-    def tload(_: int) -> dict[str, float]:
-        how["v"] = evict([pt])
-        t0 = time.perf_counter()
-        obj = torch.load(pt, weights_only=True, map_location="cpu")
-        t1 = time.perf_counter()
-        model.load_state_dict(obj["model"])
-        opt.load_state_dict(obj["optim"])
-        t2 = time.perf_counter()
-        del obj
-        gc.collect()
-        return {"load": t1 - t0, "load_apply": t2 - t0}
-    r = repeat("torch.load", reps, tload)
-    R.add("torch_load", "peer", "torch.load(weights_only=True), cold cache", r["load"], nbytes=nbytes,
-          note=f"cache evicted by {how['v']}; read only")
-    R.add("torch_load_apply", "peer", "torch.load + load_state_dict, cold cache (info)", r["load_apply"],
-          nbytes=nbytes, note="same work as safepoint restore")
     rm(pt)
 
     log("== peers: safetensors save_file + fsync")
@@ -1337,8 +1360,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="state size of the training-loop model (default 0.75GB; quick 0.2GB)")
     p.add_argument("--train-batch", type=int, default=8, help="batch size of the training loop")
     p.add_argument("--train-saves", type=int, default=None, help="saves per training run (default 3; quick 2)")
-    p.add_argument("--only", default="floors,safepoint,peers,train",
-                   help="comma list of sections to run: floors,safepoint,peers,train")
+    p.add_argument("--only", default="floors,safepoint,peers,reads,train",
+                   help="comma list of sections to run: floors,safepoint,peers,reads,train")
     p.add_argument("--no-hf", action="store_true", help="skip the HF Trainer peer")
     p.add_argument("--quiet-wait", type=float, default=120.0,
                    help="before each rep, wait up to this many seconds for other processes to go quiet")
@@ -1382,6 +1405,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_safepoint(R, model, opt, nbytes, work, reps)
         if "peers" in sections:
             bench_peers(R, model, opt, nbytes, work, reps, with_hf=not args.no_hf)
+        if "reads" in sections:
+            bench_reads(R, model, opt, nbytes, work, reps)
         del model, opt
         gc.collect()
         if "train" in sections:

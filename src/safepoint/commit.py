@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import faults, hashing, layout
+from .prefault import Prefaulter
 
 _CHUNK = 8 << 20
 _READ_CHUNK = 32 << 20  # larger reads let the kernel keep more of a cold file in flight
@@ -294,23 +295,30 @@ def read_hashed(path: Path, into: memoryview | None = None, *, like: str | None 
     """
     algorithm = hashing.algorithm_of(like) if like is not None else hashing.default_algorithm()
     h = hashing.new_hasher(algorithm)
-    hasher = _helpers()[0]
+    hasher, io = _helpers()
     size = 0
     pending: Future[None] | None = None
+    prefaulter = Prefaulter(into, io) if into is not None else None
     with open(path, "rb", buffering=0) as f:
         chunk = min(_READ_CHUNK, os.fstat(f.fileno()).st_size + 1)  # +1: the read that sees the end
         spare = [bytearray(chunk), bytearray(chunk)] if into is None else []
-        while True:
-            target = memoryview(spare[0]) if into is None else into[size:size + _READ_CHUNK]
-            n = f.readinto(target) if len(target) else 0
-            if pending is not None:
-                pending.result()
-            if not n:
-                break
-            pending = hasher.submit(h.update, target[:n])
-            size += n
-            if into is None:
-                spare.reverse()
+        try:
+            while True:
+                target = memoryview(spare[0]) if into is None else into[size:size + _READ_CHUNK]
+                n = f.readinto(target) if len(target) else 0
+                if pending is not None:
+                    pending.result()
+                if not n:
+                    break
+                pending = hasher.submit(h.update, target[:n])
+                size += n
+                if prefaulter is not None:
+                    prefaulter.advance(size)
+                else:
+                    spare.reverse()
+        finally:
+            if prefaulter is not None:
+                prefaulter.stop()
     if into is not None and size != len(into):
         raise EOFError(f"{path} has {size} bytes, expected {len(into)}")
     return FileRecord(size, hashing.digest_string(algorithm, h))

@@ -1159,14 +1159,23 @@ def bench_training(R: Results, work: Path, reps: int, train_bytes: int, batch: i
         raise AssertionError
 
     for rep in range(reps):
-        b = quiet_run(None, f"rep {rep + 1}/{reps} baseline")
+        # The baseline and every saver run in a shuffled order each repetition: whatever the run
+        # before leaves behind (writeback, memory being handed back to the host) then slows each
+        # of them alike instead of always the one that comes first.
+        order: list[Saver | None] = [None, *savers]
+        random.shuffle(order)
+        walls: dict[str, float] = {}
+        for saver in order:
+            name = "baseline" if saver is None else saver.name
+            walls[name] = quiet_run(saver, f"rep {rep + 1}/{reps} {name}")
+            if saver is not None:
+                blocking[saver.name] += saver.blocking
+        b = walls["baseline"]
         base.append(b)
         for s in savers:
-            t = quiet_run(s, f"rep {rep + 1}/{reps} {s.name}")
-            stall = (t - b) / n_saves
+            stall = (walls[s.name] - b) / n_saves
             stalls[s.name].append(stall)
-            blocking[s.name] += s.blocking
-            log(f"    stall/save {stall:.3f} s, blocking/save {statistics.median(s.blocking):.3f} s")
+            log(f"    {s.name}: stall/save {stall:.3f} s, blocking/save {statistics.median(s.blocking):.3f} s")
     for s in savers:
         s.close()
     R.add("train_baseline", "train", "training loop baseline (no saves): s per step",

@@ -2,10 +2,11 @@
 
 A verified restore reads every checkpoint file into newly allocated memory, and that memory
 becomes the restored optimizer state, so it cannot be a reused, already-touched buffer. The
-first write to each 4 KiB page of fresh memory is a page fault (allocate, zero, map): about
+first write to each page (4 KiB) of fresh memory is a page fault (allocate, zero, map): about
 0.4 s per GB of one core on a cloud VM, which is as much as the disk read itself and, done by
-the reading thread, adds to it. ``Prefaulter`` moves that work to a helper thread running
-ahead of the reader, so on two cores the faults overlap the I/O and the hashing.
+the reading thread, adds to it. ``Prefaulter`` moves part of that work to a helper thread that
+populates the buffer from its end while the reader fills it from the front, so the two split
+the faults where they meet and, on two cores, the faults overlap the I/O and the hashing.
 
 It uses ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+): the kernel maps pages writable without
 changing a byte of them, so the helper can never overwrite data the reader has already put
@@ -17,13 +18,14 @@ but are slow to obtain on ballooned VMs (seconds per GB), so plain pages are kep
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 _MADV_POPULATE_WRITE = 23
-_PAGE = 4096
+_PAGE = mmap.PAGESIZE
 _STEP = 8 << 20  # populate in 8 MiB steps, so the helper stops soon after meeting the reader
 MIN_BYTES = 64 << 20  # below this a helper thread costs more than it saves
 

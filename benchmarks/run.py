@@ -706,10 +706,11 @@ def profile_restore(mgr: CheckpointManager, state: dict[str, Any], path: Path) -
 
 def bench_reads(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int, work: Path,
                 reps: int) -> None:
-    """Cold reads side by side: each repetition runs the disk's read floor, safepoint's verified
-    restore and ``torch.load`` one after another in a shuffled order, so a slow spell of a shared
-    disk weighs on all three alike and their ratios compare like with like."""
-    log("== cold reads: disk floor, safepoint restore, torch.load (interleaved)")
+    """Cold reads side by side: each repetition runs the disk's read floor, the same read into fresh
+    memory, safepoint's verified restore and ``torch.load`` one after another in a shuffled order,
+    so a slow spell of a shared disk weighs on all of them alike and their ratios compare like
+    with like."""
+    log("== cold reads: disk floors, safepoint restore, torch.load (interleaved)")
     state = {"model": model, "optim": opt}
     d_sp = work / "sp_read"
     mgr = CheckpointManager(d_sp, signals=())
@@ -761,7 +762,23 @@ def bench_reads(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes
         gc.collect()
         return {"load": t1 - t0, "load_apply": t2 - t0}
 
-    order = [floor_read, restore, tload]
+    def fresh_read() -> dict[str, float]:
+        # What any loader must do at least: the same read, into memory allocated for the result.
+        t0 = time.perf_counter()
+        buf = torch.empty(fbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()).cast("B")
+        with open(floor, "rb", buffering=0) as fh:
+            pos = 0
+            while pos < fbytes:
+                got = fh.readinto(view[pos:pos + 32 * MiB])
+                if not got:
+                    break
+                pos += got
+        dt = time.perf_counter() - t0
+        del view, buf
+        return {"fresh": dt}
+
+    order = [floor_read, restore, tload, fresh_read]
 
     def one_round(_: int) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -770,10 +787,12 @@ def bench_reads(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes
             how["v"] = evict([floor, d_sp, pt])
             out.update(fn())
         return out
-    r = repeat("cold reads (floor, restore, torch.load)", reps, one_round)
+    r = repeat("cold reads (floor, fresh, restore, torch.load)", reps, one_round)
     R.add("floor_read", "floor", "disk read, cold cache (buffered, 16 MiB reads)", r["floor"], nbytes=fbytes,
-          note=f"cache evicted by {how['v']}; interleaved with the two rows it is compared with")
+          note=f"cache evicted by {how['v']}; interleaved with the rows it is compared with")
     R.extra["read_cold_method"] = how["v"]
+    R.add("floor_read_fresh", "floor", "disk read into freshly allocated memory, cold cache (info)", r["fresh"],
+          nbytes=fbytes, note="32 MiB reads, one thread: the page faults any loader pays, and the floor above does not")
     R.add("sp_restore", "safepoint", "safepoint restore (verified), cold cache", r["restore"], nbytes=nbytes,
           note=f"cache evicted by {how['v']}; includes load_state_dict")
     R.add("torch_load", "peer", "torch.load(weights_only=True), cold cache", r["load"], nbytes=nbytes,
@@ -1316,7 +1335,7 @@ def render_md(R: Results, info: dict[str, Any], cfg: dict[str, Any], rat: dict[s
         "train_stall_sp_async": ("stall_async_vs_sync_torch_save", "{ref_val:.2f}× torch.save stall"),
     }
     table([("floors", ["floor_staging", "floor_fresh_copy", "floor_write", "floor_write_buffered", "floor_pagecache",
-                       "floor_pagecache_reuse", "floor_read", "floor_read_direct"]),
+                       "floor_pagecache_reuse", "floor_read", "floor_read_fresh", "floor_read_direct"]),
            ("safepoint", ["sp_save", "sp_async_block", "sp_async_total", "sp_restore", "sp_restore_warm"]),
            ("peers", ["torch_save", "st_save", "dcp_save", "dcp_async_block", "dcp_async_total", "hf_save",
                       "torch_load", "torch_load_apply", "st_load"])], ref)

@@ -428,20 +428,7 @@ def dcp_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- sections
 
 def bench_floors(R: Results, ts: list[torch.Tensor], nbytes: int, work: Path, reps: int) -> None:
-    log("== floors: staging copy")
-    bufs = [torch.empty_like(t) for t in ts]
-    for b, t in zip(bufs, ts):
-        b.copy_(t)  # touch: the floor is a copy into already-faulted memory
-
-    def staging(_: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        for b, t in zip(bufs, ts):
-            b.copy_(t)
-        return {"copy": time.perf_counter() - t0}
-    r = repeat("staging floor", reps, staging)
-    R.add("floor_staging", "floor", "staging floor: copy into touched buffers", r["copy"], nbytes=nbytes)
-    del bufs
-
+    log("== floors: copy into fresh memory")
     def fresh(_: int) -> dict[str, float]:
         t0 = time.perf_counter()
         out = [t.clone() for t in ts]
@@ -623,7 +610,29 @@ def bench_safepoint(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nb
         last["info"] = info
         mem.setdefault("first" if i < 0 else "steady", []).append(rp.extra)
         return {"blocking": t1 - t0, "total": t2 - t0}
-    r = repeat("safepoint save_async", reps, save_async, before=lambda i: settle(), after=cleanup)
+    # The staging floor (one copy of every tensor into already-touched buffers) alternates with the
+    # async save in a shuffled order, so both see the same memory bandwidth.
+    ts = state_tensors(model, opt)
+    bufs = [torch.empty_like(t) for t in ts]
+    for b, t in zip(bufs, ts):
+        b.copy_(t)  # touch: the floor is a copy into already-faulted memory
+
+    def staging_once() -> dict[str, float]:
+        t0 = time.perf_counter()
+        for b, t in zip(bufs, ts):
+            b.copy_(t)
+        return {"staging": time.perf_counter() - t0}
+
+    def async_round(i: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for fn in random.sample([staging_once, lambda: save_async(i)], 2):
+            settle()
+            out.update(fn())
+        return out
+    r = repeat("safepoint save_async + staging floor", reps, async_round, after=cleanup)
+    del bufs, ts
+    R.add("floor_staging", "floor", "staging floor: copy into touched buffers", r["staging"], nbytes=nbytes,
+          note="interleaved with save_async")
     R.add("sp_async_block", "safepoint", "safepoint save_async: blocking (until it returns)", r["blocking"],
           nbytes=nbytes)
     R.add("sp_async_total", "safepoint", "safepoint save_async: total (until handle.result())", r["total"],

@@ -566,15 +566,14 @@ def bench_safepoint(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nb
     # slow spell of a shared disk weighs on both (see "Cold reads, side by side" in the README).
     order = [save_once, floor_once]
 
-    def save(i: int) -> dict[str, float]:
+    def save(_: int) -> dict[str, float]:
         out: dict[str, float] = {}
         random.shuffle(order)
         for fn in order:
             settle()
             out.update(fn())
-        cleanup(i)
         return out
-    r = repeat("safepoint save + disk floor", reps, save)
+    r = repeat("safepoint save + disk floor", reps, save, after=cleanup)
     R.add("floor_write", "floor", "disk durable write (O_DIRECT + fsync)", r["floor"], nbytes=count * 16 * MiB,
           note=(method["direct"] or "python O_DIRECT") + "; interleaved with the safepoint save")
     R.add("sp_save", "safepoint", "safepoint save (sync, durable)", r["save"], nbytes=nbytes)
@@ -818,9 +817,7 @@ def bench_reads(R: Results, model: nn.Module, opt: torch.optim.Optimizer, nbytes
         R.add("floor_read_direct", "floor", "disk read O_DIRECT, 16 MiB, queue depth 1 (info)", r["read"],
               nbytes=fbytes)
 
-    def restore_warm(_: int) -> dict[str, float]:
-        return restore()
-    r = repeat("safepoint restore (warm)", reps, restore_warm)
+    r = repeat("safepoint restore (warm)", reps, lambda _: restore())
     R.add("sp_restore_warm", "safepoint", "safepoint restore (verified), warm cache (info)", r["restore"],
           nbytes=nbytes)
     R.extra["sp_restore_breakdown"] = profile_restore(mgr, state, info.path)

@@ -29,9 +29,7 @@ def resident_fraction(buf: mmap.mmap) -> float:
 def populate_supported() -> bool:
     probe = mmap.mmap(-1, PAGE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(probe))
-    ok = prefault._MADVISE(addr, PAGE, prefault._MADV_POPULATE_WRITE) == 0
-    del addr
-    return ok
+    return prefault._MADVISE(addr, PAGE, prefault._MADV_POPULATE_WRITE) == 0
 
 
 @pytest.fixture(scope="module")

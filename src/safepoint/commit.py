@@ -290,7 +290,8 @@ def read_hashed(path: Path, into: memoryview | None = None, *, like: str | None 
     """Hash a file in one pass, reading chunk i+1 while chunk i is hashed.
 
     With ``into`` (a writable buffer of the file's size) the bytes are kept there, so a restore
-    reads each file exactly once; without it they are only hashed (``verify``). ``like`` is the
+    reads each file exactly once, while a helper thread faults in the buffer's fresh pages from
+    the back (``Prefaulter``); without it they are only hashed (``verify``). ``like`` is the
     hash a record expects: the file is hashed with the same algorithm (default: the one for new files).
     """
     algorithm = hashing.algorithm_of(like) if like is not None else hashing.default_algorithm()
@@ -298,10 +299,10 @@ def read_hashed(path: Path, into: memoryview | None = None, *, like: str | None 
     hasher, io = _helpers()
     size = 0
     pending: Future[None] | None = None
-    prefaulter = Prefaulter(into, io) if into is not None else None
     with open(path, "rb", buffering=0) as f:
         chunk = min(_READ_CHUNK, os.fstat(f.fileno()).st_size + 1)  # +1: the read that sees the end
         spare = [bytearray(chunk), bytearray(chunk)] if into is None else []
+        prefaulter = Prefaulter(into, io) if into is not None else None
         try:
             while True:
                 target = memoryview(spare[0]) if into is None else into[size:size + _READ_CHUNK]
@@ -312,10 +313,10 @@ def read_hashed(path: Path, into: memoryview | None = None, *, like: str | None 
                     break
                 pending = hasher.submit(h.update, target[:n])
                 size += n
-                if prefaulter is not None:
-                    prefaulter.advance(size)
-                else:
+                if prefaulter is None:
                     spare.reverse()
+                else:
+                    prefaulter.advance(size)
         finally:
             if prefaulter is not None:
                 prefaulter.stop()
